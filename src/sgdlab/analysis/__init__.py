@@ -1,0 +1,3 @@
+"""Diagnostics of trained models: sharpness, interpolation, Hessian spectrum, noise scales."""
+
+__all__: list[str] = []

@@ -1,0 +1,166 @@
+"""The batch-source protocol shared by every sampling method, and the sampler registry.
+
+Every sampling method in sgdlab answers one question: which examples form the next
+mini-batch, and with what weights?  They all implement :class:`BatchSource`; the training
+engine only ever calls this protocol, so a new sampling method never touches the engine.
+
+Distributed data parallel: a source built with ``rank``/``world_size`` draws the same
+*global* batch of ``world_size * batch_size`` examples on every rank from identically seeded
+state and keeps its own contiguous slice (see :func:`rank_slice`), so blind samplers need
+no communication at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "SourceContext",
+    "check_sizes",
+    "resolve_rank",
+    "rank_slice",
+    "register",
+    "create",
+    "names",
+]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One mini-batch: dataset ``indices`` (LongTensor[b]) and optional per-example ``weights``.
+
+    ``weights`` is None for unweighted sampling; otherwise the training loss is
+    ``mean(weights * per_example_loss)`` (e.g. the unbiased importance weights 1/(B g_i)).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Protocol of every sampling method (DESIGN.md, "the one idea: a batch source").
+
+    - ``next_batch()`` returns the next :class:`Batch` (this rank's slice under DDP).
+    - ``observe(indices, losses=None, scores=None)`` is feedback after a training step
+      (per-example losses and upper-bound scores of the batch just trained on); blind
+      samplers ignore it. A source that sets ``wants_scores = True`` receives scores.
+    - ``state_dict()`` / ``load_state_dict()`` give an exact resume, mid-epoch included;
+      states hold only tensors, numbers, strings and containers (``torch.load(weights_only=True)``).
+    - ``len()`` is the number of steps per (effective) epoch.
+    """
+
+    batch_size: int
+
+    def next_batch(self) -> Batch: ...
+
+    def observe(self, indices: torch.Tensor, losses: torch.Tensor | None = None,
+                scores: torch.Tensor | None = None) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def check_sizes(num_samples: int, batch_size: int) -> None:
+    """Raise a ValueError naming the argument when ``num_samples``/``batch_size`` are invalid."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Return ``(rank, world_size)``: the given values, else the initialized process group, else (0, 1).
+
+    Raises ValueError when ``world_size < 1`` or ``rank`` is outside ``[0, world_size)``.
+    """
+    if world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size = torch.distributed.get_world_size()
+        else:
+            world_size = 1
+    if rank is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+        else:
+            rank = 0
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def rank_slice(global_indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch of ``world_size * b`` indices."""
+    b = global_indices.numel() // world_size
+    return global_indices[rank * b:(rank + 1) * b]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: the engine builds a batch source from a config name through these factories.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceContext:
+    """What a sampler factory may use to build its source inside the engine.
+
+    ``batch_size`` is per rank. ``model``, ``train_x``/``train_y``, ``device`` and ``loss`` let
+    score-driven samplers (importance sampling) build a scorer; blind samplers ignore them.
+    """
+
+    num_samples: int
+    batch_size: int
+    seed: int = 0
+    rank: int | None = None
+    world_size: int | None = None
+    model: Any = None
+    train_x: torch.Tensor | None = None
+    train_y: torch.Tensor | None = None
+    device: Any = "cpu"
+    loss: str = "cross_entropy"
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # normalisation for scoring
+    extra: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Callable[..., BatchSource]] = {}
+
+
+def register(name: str):
+    """Decorator registering ``factory(ctx: SourceContext, **options) -> BatchSource`` as ``name``."""
+
+    def deco(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"sampler {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def names() -> list[str]:
+    """Names of the registered samplers (usable as ``sampler.name`` in configs)."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, ctx: SourceContext, **options) -> BatchSource:
+    """Build the registered sampler ``name`` for the engine; unknown names raise ValueError."""
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown sampler {name!r}{hint}; known: {', '.join(names())}")
+    return _REGISTRY[name](ctx, **options)
