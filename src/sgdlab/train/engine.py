@@ -1,0 +1,641 @@
+"""The training engine: a config in, a run directory out.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
+``metrics.csv``, ``checkpoints/last.pt``, optional TensorBoard events, and ``summary.json``.
+
+The loop only ever talks to the methods through their protocols: a
+:class:`~sgdlab.sampling.BatchSource` chooses each mini-batch (and its weights), loss transforms
+(:mod:`sgdlab.regularize`) reshape the per-example losses, models come from the registry, and
+learning rates from a pure :class:`~sgdlab.schedules.Schedule`. Checkpoints are written
+atomically and hold the model, optimizer, batch source, loss transforms and every RNG, so a
+resumed run ends bit-identically where an uninterrupted one does (on CPU).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on GPU); every rank draws the same global batch and keeps its slice; rank 0
+evaluates and writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .. import data as data_lib
+from .. import models, regularize, sampling
+from ..data import cifar_augment
+from ..errors import ConfigError, NonFiniteLossError
+from ..schedules import Schedule
+from .config import Config, config_to_dict, load_config
+
+__all__ = ["run", "resume", "load_run", "build_dataset", "build_model", "per_example_loss", "evaluate"]
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks (usable on their own)
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
+    if name == "cuda" and local_rank:
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def build_dataset(cfg: Config) -> data_lib.Dataset:
+    """The configured dataset, normalised per channel if ``data.normalize``."""
+    kwargs = cfg.data.extras()
+    if cfg.data.name in ("cifar10", "cifar100"):
+        kwargs["root"] = cfg.data.root
+    ds = data_lib.create(cfg.data.name, **kwargs)
+    return ds.normalized() if cfg.data.normalize else ds
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The configured model from the registry."""
+    return models.create(cfg.model.name, num_classes=num_classes, **cfg.model.extras())
+
+
+def per_example_loss(name: str, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-example data loss: cross-entropy (optionally label-smoothed) or squared error to one-hot."""
+    if name == "cross_entropy":
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - target).pow(2).sum(-1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
+             loss: str = "cross_entropy", device=None, channels_last: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``(x, y)`` in eval mode (mode restored), batches weighted by size."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total_loss, correct, n = 0.0, 0, 0
+    try:
+        for i in range(0, len(y), batch_size):
+            xb = x[i:i + batch_size].to(device, non_blocking=True)
+            yb = y[i:i + batch_size].to(device, non_blocking=True)
+            if channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            logits = model(xb).float()
+            total_loss += float(per_example_loss(loss, logits, yb).sum())
+            correct += int((logits.argmax(-1) == yb).sum())
+            n += len(yb)
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def _rng_state(aug_gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+        "augment": aug_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    aug_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_weights(model: torch.nn.Module, source: str) -> tuple[int, int]:
+    """Initialise ``model`` from a checkpoint file or run directory (fine-tuning); returns (loaded, skipped)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"checkpoint.init_from: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own) - len(matched)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed setup
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_name: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owned = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owned = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owned)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """Appends rows to metrics.jsonl (flushed each row), mirrors them to CSV and TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_until_step: int | None):
+        self.enabled = enabled
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        self.writer = None
+        if not enabled:
+            return
+        if self.jsonl.exists():
+            with open(self.jsonl) as f:
+                self.rows = [json.loads(line) for line in f if line.strip()]
+            if keep_until_step is not None:
+                self.rows = [r for r in self.rows if r["step"] <= keep_until_step]
+            _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.fh = open(self.jsonl, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("log.tensorboard: tensorboard is not installed (pip install 'sgdlab[tensorboard]'); skipped")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, row["step"])
+
+    def write_csv(self) -> None:
+        if not self.enabled:
+            return
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.csv.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.csv)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool, total: float, unit: str):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn() if unit == "steps" else
+            TextColumn("{task.completed:.0f}/{task.total:.0f} s"), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*cols, transient=False)
+
+
+def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: bool = False,
+        quiet: bool = False) -> dict:
+    """Train as ``config`` says (a YAML path, dict or :class:`Config`) into ``out_dir``; return the summary.
+
+    With ``resume=True`` an existing run directory continues from ``checkpoints/last.pt`` to its
+    configured end (the directory's own ``config.yaml`` is used).
+    """
+    if resume:
+        run_dir = Path(out_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        cfg = load_config(config, overrides)
+        run_dir = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    dist = _setup_distributed(cfg.device)
+    try:
+        return _Run(cfg, run_dir, dist, resume=resume, quiet=quiet).train()
+    finally:
+        if dist.owned:
+            torch.distributed.destroy_process_group()
+
+
+def resume(run_dir, *, quiet: bool = False) -> dict:
+    """Continue the interrupted run in ``run_dir`` to its configured end; return the summary."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        if done.get("status") == "completed":
+            return done
+    return run(None, run_dir, resume=True, quiet=quiet)
+
+
+def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
+    """``(config, model, dataset)`` of a run directory, the model loaded from its last checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    ds = build_dataset(cfg)
+    model = build_model(cfg, ds.num_classes)
+    state = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device).eval(), ds
+
+
+class _Run:
+    def __init__(self, cfg: Config, run_dir: Path, dist: _Dist, *, resume: bool, quiet: bool):
+        self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist, quiet
+        self.device = resolve_device(cfg.device, dist.local_rank)
+        ckpt_path = run_dir / CHECKPOINT
+        self.ckpt = None
+        if resume and ckpt_path.is_file():
+            self.ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        elif not resume and ((run_dir / "summary.json").exists() or ckpt_path.exists()):
+            raise ConfigError(f"{run_dir} already holds a run; use 'sgdlab resume {run_dir}' or another --out")
+        if dist.main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+        # Seed everything before anything random is built.
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+
+        ds = build_dataset(cfg)
+        self.ds = ds.to(self.device) if cfg.data.on_device else ds
+        self.num_train = len(ds.train_y)
+        self.aug_gen = torch.Generator(device=self.device if cfg.data.on_device else "cpu").manual_seed(cfg.seed + 1)
+        fill = None
+        if cfg.data.augment:
+            if ds.train_x.dim() != 4:
+                raise ConfigError(f"data.augment: the CIFAR augmentation needs images (N, C, H, W); "
+                                  f"{cfg.data.name} has shape {tuple(ds.train_x.shape)}")
+            fill = (-ds.mean / ds.std) if ds.mean is not None else 0.0  # black, after normalisation
+            fill = fill.to(self.device) if isinstance(fill, torch.Tensor) else fill
+        self.fill = fill
+
+        model = build_model(cfg, ds.num_classes)
+        if cfg.checkpoint.init_from and self.ckpt is None:
+            loaded, skipped = _load_weights(model, cfg.checkpoint.init_from)
+            self._say(f"initialised {loaded} tensors from {cfg.checkpoint.init_from} ({skipped} kept fresh)")
+        model.to(self.device)
+        if cfg.fast.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.opt = self._optimizer(model)
+        self.train_model = model
+        if dist.enabled:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.fast.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fast.autocast == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.fast.autocast or "")
+
+        ctx = sampling.SourceContext(
+            num_samples=self.num_train, batch_size=cfg.sampler.batch_size, seed=cfg.seed,
+            rank=dist.rank if dist.enabled else None, world_size=dist.world_size if dist.enabled else None,
+            model=model, train_x=self.ds.train_x, train_y=self.ds.train_y, device=self.device, loss=cfg.loss.name)
+        try:
+            self.source = sampling.create(cfg.sampler.name, ctx, **cfg.sampler.extras())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"sampler: {e}") from None
+        self.transforms = []
+        for i, (name, opts) in enumerate(sorted(cfg.loss.extras().items())):
+            if opts is None:
+                continue
+            try:
+                self.transforms.append(regularize.create_loss_transform(name, seed=cfg.seed + 1000 + i, **opts))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"loss.{name}: {e}") from None
+        self.wants_scores = bool(getattr(self.source, "wants_scores", False))
+        self.wants_losses = bool(getattr(self.source, "wants_losses", False))
+
+        self.steps_per_epoch = max(len(self.source), 1)
+        d = cfg.duration
+        self.total_steps = None if d.unit == "seconds" else (
+            int(d.value) if d.unit == "steps" else max(1, round(d.value * self.steps_per_epoch)))
+        s = cfg.schedule
+        self.schedule = Schedule(
+            name=s.name, total=self._total_in(s.unit), milestones=tuple(s.milestones), factor=s.factor,
+            power=s.power, period=s.period, low=s.low, warmup=s.warmup, warmup_from=s.warmup_from)
+
+        self.step, self.elapsed = 0, 0.0
+        self.best = {"test_acc": None, "test_loss": None, "step": None}
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self.metrics = _Metrics(run_dir, dist.main, cfg.log.tensorboard,
+                                keep_until_step=self.step if resume else None)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _say(self, msg: str) -> None:
+        if self.dist.main and not self.quiet:
+            print(msg, flush=True)
+
+    def _optimizer(self, model):
+        o = self.cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def _total_in(self, unit: str) -> float | None:
+        d = self.cfg.duration
+        if unit == "fraction":
+            return 1.0
+        if d.unit == "seconds":
+            return d.value if unit == "seconds" else None
+        if unit == "steps":
+            return float(self.total_steps)
+        if unit == "epochs":
+            return self.total_steps / self.steps_per_epoch
+        return None  # seconds unit on a step-based run: no known total (constant-like schedules only)
+
+    def _position(self, unit: str) -> float:
+        if unit == "steps":
+            return float(self.step)
+        if unit == "epochs":
+            return self.step / self.steps_per_epoch
+        if unit == "seconds":
+            return self.elapsed
+        if self.total_steps is not None:
+            return self.step / self.total_steps
+        return self.elapsed / self.cfg.duration.value
+
+    def _done(self) -> bool:
+        if self.total_steps is not None:
+            return self.step >= self.total_steps
+        return self.elapsed >= self.cfg.duration.value
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step, "elapsed": self.elapsed, "best": dict(self.best),
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(), "source": self.source.state_dict(),
+            "transforms": [t.state_dict() for t in self.transforms], "rng": _rng_state(self.aug_gen),
+            "world_size": self.dist.world_size,
+        }
+
+    def _restore(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.source.load_state_dict(st["source"])
+        for t, s in zip(self.transforms, st["transforms"]):
+            t.load_state_dict(s)
+        _set_rng_state(st["rng"], self.aug_gen)
+        self.step, self.elapsed, self.best = st["step"], st["elapsed"], dict(st["best"])
+        self._say(f"resumed at step {self.step}")
+
+    def _component_metrics(self) -> dict:
+        out: dict = {}
+        for c in [self.source, *self.transforms]:
+            m = getattr(c, "metrics", None)
+            if callable(m):
+                out.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                            for k, v in m().items()})
+        return out
+
+    def _evaluate(self) -> dict:
+        c = self.cfg
+        kw = dict(batch_size=c.eval.batch_size, loss=c.loss.name, device=self.device,
+                  channels_last=c.fast.channels_last)
+        row = {}
+        with self._autocast():
+            ev = evaluate(self.model, self.ds.test_x, self.ds.test_y, **kw)
+            row.update(test_loss=ev["loss"], test_acc=ev["acc"])
+            if c.eval.train:
+                ev = evaluate(self.model, self.ds.train_x, self.ds.train_y, **kw)
+                row.update(train_eval_loss=ev["loss"], train_eval_acc=ev["acc"])
+        if self.best["test_acc"] is None or row["test_acc"] > self.best["test_acc"]:
+            self.best.update(test_acc=row["test_acc"], step=self.step)
+        if self.best["test_loss"] is None or row["test_loss"] < self.best["test_loss"]:
+            self.best["test_loss"] = row["test_loss"]
+        return row
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _save(self) -> None:
+        if self.dist.main:
+            _atomic_torch_save(self._state(), self.run_dir / CHECKPOINT)
+            self.metrics.write_csv()
+
+    def _summary(self, status: str, last_eval: dict | None, message: str | None = None) -> dict:
+        s = {
+            "status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+            "wall_time": self.elapsed, "final": last_eval or {},
+            "best": {"test_acc": self.best["test_acc"], "test_loss": self.best["test_loss"],
+                     "step": self.best["step"]},
+            "world_size": self.dist.world_size,
+        }
+        if message:
+            s["message"] = message
+        if self.dist.main:
+            _atomic_write_text(self.run_dir / "summary.json", json.dumps(s, indent=2))
+        return s
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        c, dist = self.cfg, self.dist
+        x_all, y_all = self.ds.train_x, self.ds.train_y
+        data_device = x_all.device
+        model, opt, source, transforms = self.train_model, self.opt, self.source, self.transforms
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        unit, log_every = c.schedule.unit, c.log.every
+        eval_every, ckpt_every = c.eval.every, c.checkpoint.every
+        by_time = self.total_steps is None
+        channels_last = c.fast.channels_last
+        loss_name, smoothing = c.loss.name, c.loss.label_smoothing
+        clip = c.optim.grad_clip
+        acc_loss = torch.zeros((), device=self.device)
+        acc_n = 0
+        last_eval: dict | None = None
+        self.model.train()
+        progress_total = self.total_steps if not by_time else c.duration.value
+        show = c.log.progress and dist.main and not self.quiet
+        clock = time.perf_counter()
+        with _progress(show, progress_total, "steps" if not by_time else "seconds") as bar:
+            task = bar.add_task("train", total=progress_total, info="",
+                                completed=self.step if not by_time else self.elapsed) if bar else None
+            while not self._done():
+                factor = self.schedule(self._position(unit))
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * factor
+                batch = source.next_batch()
+                idx = batch.indices
+                if data_device != idx.device:
+                    idx = idx.to(data_device)
+                x, y = x_all[idx], y_all[idx]
+                if x.device != self.device:
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.fill is not None:
+                    x = cifar_augment(x, fill=self.fill, generator=self.aug_gen) if x.device == self.aug_gen.device \
+                        else cifar_augment(x.cpu(), fill=self.fill.cpu(), generator=self.aug_gen).to(self.device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    logits = model(x)
+                losses = per_example_loss(loss_name, logits.float(), y, smoothing)
+                raw_losses = losses
+                if batch.weights is not None:
+                    losses = losses * batch.weights.to(losses.device, losses.dtype)
+                epoch = self.step / self.steps_per_epoch
+                for t in transforms:
+                    losses = t(losses, step=self.step, epoch=epoch)
+                loss = losses.mean()
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if clip is not None:
+                    self.scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(opt)
+                self.scaler.update()
+                if self.wants_scores or self.wants_losses:
+                    scores = None
+                    if self.wants_scores:
+                        from ..sampling.importance import upper_bound_scores
+
+                        scores = upper_bound_scores(logits.detach().float(), y, loss=loss_name)
+                    source.observe(batch.indices, losses=raw_losses.detach(), scores=scores)
+                acc_loss += loss.detach()
+                acc_n += 1
+                self.step += 1
+                now = time.perf_counter()
+                self.elapsed += now - clock
+                clock = now
+
+                at_log = self.step % log_every == 0
+                at_eval = eval_every > 0 and self.step % eval_every == 0
+                at_ckpt = ckpt_every > 0 and self.step % ckpt_every == 0
+                if by_time and dist.enabled and at_log:
+                    flag = torch.tensor([1.0 if self._done() else 0.0], device=self.device)
+                    torch.distributed.broadcast(flag, 0)
+                    if flag.item() > 0:
+                        self.elapsed = max(self.elapsed, c.duration.value)
+                end = self._done()
+                if not (at_log or at_eval or at_ckpt or end):
+                    continue
+                # ---- bookkeeping (not counted in the training clock) ----
+                mean_loss = acc_loss / max(acc_n, 1)
+                if dist.enabled:
+                    torch.distributed.all_reduce(mean_loss)
+                    mean_loss = mean_loss / dist.world_size
+                train_loss = float(mean_loss)
+                acc_loss.zero_()
+                acc_n = 0
+                if not math.isfinite(train_loss):
+                    msg = (f"non-finite training loss ({train_loss}) at step {self.step}; stopped. "
+                           f"The last good checkpoint is kept in {self.run_dir / CHECKPOINT}")
+                    self.metrics.write({"step": self.step, "epoch": epoch, "time": self.elapsed,
+                                        "train_loss": train_loss})
+                    self.metrics.close()
+                    self._summary("nonfinite", last_eval, msg)
+                    raise NonFiniteLossError(msg)
+                row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
+                       "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
+                row.update(self._component_metrics())
+                if (at_eval or end) and dist.main:
+                    last_eval = self._evaluate()
+                    row.update(last_eval)
+                self.metrics.write(row)
+                if bar is not None:
+                    info = f"loss {train_loss:.4f}" + (f"  test acc {last_eval['test_acc']:.4f}" if last_eval else "")
+                    bar.update(task, completed=self.step if not by_time else min(self.elapsed, progress_total),
+                               info=info)
+                if at_ckpt or end:
+                    self._save()
+                clock = time.perf_counter()
+        self.metrics.close()
+        summary = self._summary("completed", last_eval)
+        if last_eval:
+            self._say(f"done: {self.step} steps, {self.elapsed:.1f} s; test accuracy {last_eval['test_acc']:.4f}, "
+                      f"test loss {last_eval['test_loss']:.4f}  ->  {self.run_dir}")
+        return summary
