@@ -1,3 +1,64 @@
-"""Diagnostics of trained models: sharpness, interpolation, Hessian spectrum, noise scales."""
+"""Diagnostics of trained models: sharpness, interpolation, Hessian spectrum, noise scales.
 
-__all__: list[str] = []
+Every function takes ``data`` as an ``(x, y)`` pair of tensors or an iterable of such batches and a
+``loss_fn(logits, y)`` returning the mean loss of a batch; results are averages over examples (batches
+weighted by size), computed with the model in eval mode (its mode is restored).
+"""
+
+from .equilibrium import (
+    hessian_logdet,
+    log_minimum_weight,
+    log_probability_ratio,
+    relative_minimum_probability,
+)
+from .hessian import (
+    EigenResult,
+    HessianOperator,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_eigen,
+    hessian_eigenvalues,
+    hessian_trace,
+    hessian_trace_estimate,
+    hvp,
+    lanczos,
+    spectral_density,
+)
+from .interpolation import evaluate, interpolate, interpolation_coefficients
+from .noise import gradient_noise_scale, gradient_noise_stats, sgd_noise_scale
+from .plots import plot_interpolation, plot_sharpness_vs_batch, plot_spectral_density
+from .sharpness import keskar_sharpness, model_sharpness, random_subspace
+
+__all__: list[str] = [
+    "keskar_sharpness",
+    "model_sharpness",
+    "random_subspace",
+    "hvp",
+    "HessianOperator",
+    "EigenResult",
+    "TraceEstimate",
+    "SpectralDensity",
+    "hessian_eigen",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_trace_estimate",
+    "spectral_density",
+    "lanczos",
+    "interpolate",
+    "interpolation_coefficients",
+    "evaluate",
+    "sgd_noise_scale",
+    "gradient_noise_scale",
+    "gradient_noise_stats",
+    "relative_minimum_probability",
+    "log_probability_ratio",
+    "log_minimum_weight",
+    "hessian_logdet",
+    "plot_interpolation",
+    "plot_spectral_density",
+    "plot_sharpness_vs_batch",
+]
+
+from .variance_reduction import variance_reduction  # noqa: E402  (importance sampling, section 4.1)
+
+__all__.append("variance_reduction")

@@ -535,6 +535,10 @@ class _Run:
         channels_last = c.fast.channels_last
         loss_name, smoothing = c.loss.name, c.loss.label_smoothing
         clip = c.optim.grad_clip
+        use_scaler = self.scaler.is_enabled()
+        move_batch = data_device != self.device
+        sync_clock = self.device.type == "cuda"
+        autocast = self._autocast
         acc_loss = torch.zeros((), device=self.device)
         acc_n = 0
         last_eval: dict | None = None
@@ -554,14 +558,14 @@ class _Run:
                 if data_device != idx.device:
                     idx = idx.to(data_device)
                 x, y = x_all[idx], y_all[idx]
-                if x.device != self.device:
+                if move_batch:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if self.fill is not None:
                     x = cifar_augment(x, fill=self.fill, generator=self.aug_gen) if x.device == self.aug_gen.device \
                         else cifar_augment(x.cpu(), fill=self.fill.cpu(), generator=self.aug_gen).to(self.device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
+                with autocast():
                     logits = model(x)
                 losses = per_example_loss(loss_name, logits.float(), y, smoothing)
                 raw_losses = losses
@@ -572,12 +576,18 @@ class _Run:
                     losses = t(losses, step=self.step, epoch=epoch)
                 loss = losses.mean()
                 opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if clip is not None:
-                    self.scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.scaler.step(opt)
-                self.scaler.update()
+                if use_scaler:
+                    self.scaler.scale(loss).backward()
+                    if clip is not None:
+                        self.scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                    opt.step()
                 if self.wants_scores or self.wants_losses:
                     scores = None
                     if self.wants_scores:
@@ -604,6 +614,11 @@ class _Run:
                 if not (at_log or at_eval or at_ckpt or end):
                     continue
                 # ---- bookkeeping (not counted in the training clock) ----
+                if sync_clock:  # queued GPU work belongs to the steps just taken
+                    torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    self.elapsed += now - clock
+                    clock = now
                 mean_loss = acc_loss / max(acc_n, 1)
                 if dist.enabled:
                     torch.distributed.all_reduce(mean_loss)
