@@ -345,14 +345,15 @@ class _Run:
         ds = build_dataset(cfg)
         self.ds = ds.to(self.device) if cfg.data.on_device else ds
         self.num_train = len(ds.train_y)
-        self.aug_gen = torch.Generator(device=self.device if cfg.data.on_device else "cpu").manual_seed(cfg.seed + 1)
+        data_device = self.ds.train_x.device
+        self.aug_gen = torch.Generator(device=data_device).manual_seed(cfg.seed + 1)
         fill = None
         if cfg.data.augment:
             if ds.train_x.dim() != 4:
                 raise ConfigError(f"data.augment: the CIFAR augmentation needs images (N, C, H, W); "
                                   f"{cfg.data.name} has shape {tuple(ds.train_x.shape)}")
             fill = (-ds.mean / ds.std) if ds.mean is not None else 0.0  # black, after normalisation
-            fill = fill.to(self.device) if isinstance(fill, torch.Tensor) else fill
+            fill = fill.to(data_device) if isinstance(fill, torch.Tensor) else fill
         self.fill = fill
 
         model = build_model(cfg, ds.num_classes)
@@ -558,11 +559,10 @@ class _Run:
                 if data_device != idx.device:
                     idx = idx.to(data_device)
                 x, y = x_all[idx], y_all[idx]
+                if self.fill is not None:  # augmentation runs where the data lives
+                    x = cifar_augment(x, fill=self.fill, generator=self.aug_gen)
                 if move_batch:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if self.fill is not None:
-                    x = cifar_augment(x, fill=self.fill, generator=self.aug_gen) if x.device == self.aug_gen.device \
-                        else cifar_augment(x.cpu(), fill=self.fill.cpu(), generator=self.aug_gen).to(self.device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
