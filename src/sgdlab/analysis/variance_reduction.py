@@ -10,15 +10,16 @@ correlates with the exact gradient norm.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..sampling.importance import _check_loss, _loss, normalize_scores, tau, upper_bound_scores
 from ._data import as_batches, eval_mode, model_device, trainable_parameters
 
-__all__ = ["variance_reduction", "SCHEMES"]
+__all__ = ["SCHEMES", "variance_reduction"]
 
 SCHEMES = ("uniform", "loss", "upper_bound", "gradnorm")
 
@@ -50,9 +51,10 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _ranks(a: torch.Tensor) -> torch.Tensor:
-    r = torch.empty(a.numel(), dtype=torch.float64)
-    r[torch.argsort(a)] = torch.arange(a.numel(), dtype=torch.float64)
-    return r
+    """Ranks with ties averaged (presamples drawn with replacement repeat examples)."""
+    from scipy.stats import rankdata
+
+    return torch.as_tensor(rankdata(a.double().numpy()), dtype=torch.float64)
 
 
 def variance_reduction(model: nn.Module, data: Any, *, presample: int = 1024, batch: int = 128,
@@ -111,8 +113,8 @@ def variance_reduction(model: nn.Module, data: Any, *, presample: int = 1024, ba
                 "upper_bound": upper_bound_scores(z, y, loss).double().cpu(),
                 "gradnorm": gnorm.cpu(),
             }
-            for s in pooled:
-                pooled[s].append(scores[s])
+            for s, acc in pooled.items():
+                acc.append(scores[s])
             gn_cpu = grads.cpu()
             for s in schemes:
                 g = normalize_scores(scores[s])
