@@ -1,5 +1,12 @@
 """How a mini-batch is chosen: the :class:`BatchSource` protocol and its strategies."""
 
 from .base import Batch, BatchSource, SourceContext, create, names, rank_slice, register, resolve_rank
+from .blind import EpochSampler, ReplacementSampler
+from .configurations import accessible_configurations
+from .srs import SequencedReplacementSampler
+from .importance import ImportanceSampler, model_scorer, upper_bound_scores
+from .history import OnlineBatchSelection, PrioritizedSampler
 
-__all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice"]
+__all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice",
+           "EpochSampler", "ReplacementSampler", "SequencedReplacementSampler", "accessible_configurations",
+           "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler"]

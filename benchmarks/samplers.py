@@ -1,0 +1,116 @@
+"""Time per batch of the blind samplers against PyTorch's RandomSampler + BatchSampler.
+
+Usage::
+
+    python benchmarks/samplers.py [--sizes 50000 10000000] [--batch 128] [--repeats 5]
+
+For each dataset size N the script measures, in the same run, the steady-state time per batch of
+
+- the baseline: iterating ``BatchSampler(RandomSampler(range(N)), batch, drop_last=False)`` (lists);
+- each sgdlab sampler through ``next_batch()`` (LongTensor) and through ``iter()`` (lists, like the
+  baseline).
+
+Each measurement runs after a warm-up over a window of whole epochs (at least 20,000 batches, so the
+baseline's per-epoch ``randperm(N).tolist()`` and the epoch sampler's permutation are amortised as in
+training) and reports the median over repeats.  The ratio column is time / baseline time at the same N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+
+from sgdlab.sampling import EpochSampler, ReplacementSampler, SequencedReplacementSampler
+
+
+def _window(steps_per_epoch: int, minimum: int = 20000) -> int:
+    return math.ceil(minimum / steps_per_epoch) * steps_per_epoch
+
+
+def _time_iter(make_iter, n_batches: int, repeats: int) -> float:
+    """Median seconds per batch of pulling ``n_batches`` from a restarting iterator."""
+    state = {"it": make_iter()}
+
+    def pull(k):
+        it = state["it"]
+        for _ in range(k):
+            try:
+                next(it)
+            except StopIteration:
+                it = state["it"] = make_iter()
+                next(it)
+
+    pull(min(n_batches, 2000))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pull(n_batches)
+        times.append((time.perf_counter() - t0) / n_batches)
+    return statistics.median(times)
+
+
+def _time_next(sampler, n_batches: int, repeats: int) -> float:
+    nb = sampler.next_batch
+    for _ in range(min(n_batches, 2000)):
+        nb()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            nb()
+        times.append((time.perf_counter() - t0) / n_batches)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 10_000_000])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    rows = []
+    for n in args.sizes:
+        b = args.batch
+        repeats = args.repeats if n <= 1_000_000 else max(1, min(args.repeats, 3))
+        base_window = _window(n // b)
+        batch_sampler = BatchSampler(RandomSampler(range(n), generator=torch.Generator().manual_seed(0)), b,
+                                     drop_last=False)
+        base = _time_iter(lambda bs=batch_sampler: iter(bs), base_window, repeats)
+        rows.append((n, "RandomSampler+BatchSampler", "iter (lists)", base, 1.0))
+        results[(n, "baseline", "iter")] = base
+        for name, cls in (("SequencedReplacementSampler", SequencedReplacementSampler),
+                          ("ReplacementSampler", ReplacementSampler), ("EpochSampler", EpochSampler)):
+            sampler = cls(n, b, seed=0)
+            window = _window(len(sampler))
+            t_next = _time_next(sampler, window, repeats)
+            sampler = cls(n, b, seed=0)
+            t_iter = _time_iter(lambda s=sampler: iter(s), window, repeats)
+            rows.append((n, name, "next_batch (tensor)", t_next, t_next / base))
+            rows.append((n, name, "iter (lists)", t_iter, t_iter / base))
+            results[(n, name, "next")] = t_next
+            results[(n, name, "iter")] = t_iter
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
+    print(f"{'N':>10}  {'sampler':<28} {'path':<20} {'us/batch':>9} {'ratio':>6}")
+    for n, name, path, t, ratio in rows:
+        print(f"{n:>10}  {name:<28} {path:<20} {t * 1e6:9.2f} {ratio:6.2f}")
+    if len(args.sizes) >= 2:
+        lo, hi = min(args.sizes), max(args.sizes)
+        for path in ("next", "iter"):
+            r = results[(hi, "SequencedReplacementSampler", path)] / results[(lo, "SequencedReplacementSampler", path)]
+            print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {r:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Blind samplers: epoch-wise sampling without replacement and batched replacement sampling.
+
+"Blind" samplers choose mini-batches from the indices alone and ignore any feedback from training
+(``observe`` is a no-op).  Both are the baselines of the sequenced-replacement sampling paper
+(Sequenced-Replacement Sampling for Deep Learning, ICLR 2019 submission, section 2):
+
+- :class:`EpochSampler` -- "training over epochs": each epoch is a fresh random permutation of the
+  N examples cut into consecutive mini-batches (sampling without replacement, eqs. 1-2).
+- :class:`ReplacementSampler` -- *batched* replacement sampling: every step draws B distinct examples
+  uniformly at random and puts them all back before the next step (eq. 3; the paper counts
+  C(N, B) configurations per step rather than C(N+B-1, B) for that reason).
+
+The sequenced-replacement sampler itself lives in :mod:`sgdlab.sampling.srs`.
+
+All samplers here implement the :class:`~sgdlab.sampling.base.BatchSource` protocol and are also
+plain iterables of ``list[int]`` batches, so they can be passed to
+``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``.  Under data parallelism
+``batch_size`` is *per rank*: every rank draws the same global batch of ``world_size * batch_size``
+indices from identically seeded state and keeps its own contiguous slice.
+
+Randomness comes from a private :class:`torch.Generator` seeded with ``seed``; the global RNG is never
+touched.  Per-step work is done on NumPy views of the sampler's tensors (a few vectorised operations on
+arrays of ``world_size * batch_size`` elements), because at these tiny sizes the fixed cost of a torch
+operator dominates; random numbers are drawn with torch in blocks of many steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .base import Batch, check_sizes, register, resolve_rank
+
+__all__ = ["EpochSampler", "ReplacementSampler"]
+
+_MASK63 = (1 << 63) - 1
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def _resolve(num_samples, batch_size, rank, world_size) -> tuple[int, int, int]:
+    """Validate sizes and ranks; return ``(rank, world_size, global_batch)``."""
+    check_sizes(num_samples, batch_size)
+    rank, world_size = resolve_rank(rank, world_size)
+    global_batch = world_size * batch_size
+    if batch_size > num_samples:
+        raise ValueError(f"batch_size must be at most num_samples={num_samples}, got {batch_size}")
+    if global_batch > num_samples:
+        raise ValueError(
+            f"batch_size={batch_size} x world_size={world_size} = {global_batch} (the global batch) "
+            f"must be at most num_samples={num_samples}"
+        )
+    return rank, world_size, global_batch
+
+
+def _split_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous share ``[start, stop)`` of ``rank`` in a batch of ``length``: sizes differ by at most 1.
+
+    For ``length = world_size * b`` this is exactly :func:`~sgdlab.sampling.base.rank_slice`.
+    """
+    q, r = divmod(length, world_size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (1 if rank < r else 0)
+
+
+def _check_state(state: dict, kind: str, expected: dict) -> None:
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"state is not a {kind!r} sampler state (kind={got!r})")
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise ValueError(f"state[{key!r}]={state.get(key)!r} does not match this sampler's {key}={value!r}")
+
+
+class _DistinctSlots:
+    """Stream of uniformly random subsets of ``size`` distinct integers in ``[0, n)``.
+
+    Random numbers are drawn from ``generator`` in blocks of ``rows`` steps.  A block starts as
+    ``torch.randint(n, (rows, size))``; a row is repeat-free with probability about
+    ``exp(-size**2 / 2n)``.  When ``size**2 <= 2n`` the rows with a repeat are redrawn whole until they
+    are repeat-free (rejection: an accepted row is uniform over ordered tuples of distinct values).
+    Otherwise, in every row each position whose value already occurred at an earlier position is
+    redrawn, repeatedly, until the row is repeat-free (vectorised over the rows); that rule only looks
+    at which positions hold equal values, so it is exchangeable in the labels ``0..n-1`` and the values
+    at any fixed positions form a uniformly random subset.  When
+    ``size > n / 2`` the redraws would converge slowly, so each row is instead the first ``size``
+    entries of a random permutation of ``n`` (O(n) = O(size) work).  The work per step is O(size) on
+    average, never O(n) for ``size << n``.
+
+    The state is the generator state at the start of the current block plus the position in it; the
+    block is redrawn on load, so resuming is exact.
+    """
+
+    def __init__(self, n: int, size: int, generator: torch.Generator):
+        self.n = n
+        self.size = size
+        self.gen = generator
+        self.rows = max(1, min(4096, 16384 // size))
+        self.dense = 2 * size > n
+        self.reject_rows = size * size <= 2 * n  # a row is repeat-free with probability >~ exp(-1)
+        self._block: np.ndarray | None = None
+        self._block_state: torch.Tensor | None = None
+        self._pos = 0
+
+    def _repair(self, block: np.ndarray) -> None:
+        """Redraw, in place, every entry equal to an earlier entry of its row until rows are distinct."""
+        srt = np.sort(block, axis=1)
+        rows = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+        if self.reject_rows:
+            # Whole-row rejection: a repeat-free iid row is uniform over ordered distinct tuples.
+            while rows.size:
+                fresh = torch.randint(self.n, (rows.size, self.size), generator=self.gen).numpy()
+                srt = np.sort(fresh, axis=1)
+                ok = ~(srt[:, 1:] == srt[:, :-1]).any(axis=1)
+                block[rows[ok]] = fresh[ok]
+                rows = rows[~ok]
+            return
+        while rows.size:
+            sub = block[rows]
+            order = np.argsort(sub, axis=1, kind="stable")
+            srt = np.take_along_axis(sub, order, axis=1)
+            again = np.zeros(sub.shape, dtype=bool)
+            again[:, 1:] = srt[:, 1:] == srt[:, :-1]
+            dup = np.zeros_like(again)
+            np.put_along_axis(dup, order, again, axis=1)
+            keep = dup.any(axis=1)
+            rows, sub, dup = rows[keep], sub[keep], dup[keep]
+            if not rows.size:
+                return
+            sub[dup] = torch.randint(self.n, (int(dup.sum()),), generator=self.gen).numpy()
+            block[rows] = sub
+
+    def _draw_block(self) -> None:
+        self._block_state = self.gen.get_state()
+        n, size, rows = self.n, self.size, self.rows
+        if self.dense:
+            keys = torch.rand(rows, n, generator=self.gen, dtype=torch.float64)
+            block = keys.argsort(dim=1)[:, :size].contiguous().numpy()
+        else:
+            block = torch.randint(n, (rows, size), generator=self.gen).numpy()
+            if size > 1:
+                self._repair(block)
+        self._block = block
+        self._pos = 0
+
+    def next(self) -> np.ndarray:
+        """The next subset as an int64 array of ``size`` distinct values (do not modify it)."""
+        if self._block is None or self._pos == self.rows:
+            self._draw_block()
+        row = self._block[self._pos]
+        self._pos += 1
+        return row
+
+    def state_dict(self) -> dict:
+        if self._block is None:
+            return {"generator": self.gen.get_state(), "block": False, "pos": 0}
+        return {"generator": self._block_state.clone(), "block": True, "pos": int(self._pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        if state["block"]:
+            self._draw_block()
+            self._pos = int(state["pos"])
+        else:
+            self._block = None
+            self._block_state = None
+            self._pos = 0
+
+
+class _BlindSampler:
+    """Shared behaviour of the blind samplers (no feedback, iterable of index lists)."""
+
+    wants_scores = False
+    wants_losses = False
+
+    num_samples: int
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    global_batch: int
+
+    def observe(self, indices, losses=None, scores=None) -> None:
+        """No-op: blind samplers ignore feedback from training."""
+
+    def set_epoch(self, epoch: int) -> None:  # overridden by EpochSampler
+        """Accepted for compatibility with ``DistributedSampler``-style loops; has no effect here.
+
+        Replacement and sequenced-replacement sampling have no epochs: the stream continues.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+
+    def metrics(self) -> dict[str, float]:
+        """Values the engine may log every step: the (effective) epoch."""
+        return {"effective_epoch": self.effective_epoch}
+
+    @property
+    def epoch(self) -> float:
+        """Same as :attr:`effective_epoch`."""
+        return self.effective_epoch
+
+    @property
+    def effective_epoch(self) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        extra = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
+        return f"{type(self).__name__}(num_samples={self.num_samples}, batch_size={self.batch_size}, seed={self.seed}{extra})"
+
+
+class EpochSampler(_BlindSampler):
+    """Epoch-wise sampling without replacement ("training over epochs", SRS paper section 2, eqs. 1-2).
+
+    Epoch ``e`` is a random permutation of ``range(num_samples)`` drawn from a private generator seeded
+    from ``(seed, e)``, cut into consecutive global batches of ``world_size * batch_size`` indices; rank
+    ``r`` keeps the ``r``-th contiguous share of each global batch.  Each example is therefore drawn
+    exactly once per epoch (``drop_last=False``) or at most once (``drop_last=True``, which drops the
+    incomplete tail of each permutation: ``len = num_samples // global_batch``).
+
+    With ``drop_last=False`` (``len = ceil(num_samples / global_batch)``) the last global batch of an
+    epoch has ``r < world_size * batch_size`` indices; it is split into contiguous shares whose sizes
+    differ by at most one, the lower ranks taking the larger shares (a rank gets an empty batch when
+    ``r < world_size``).  Prefer ``drop_last=True`` under data parallelism.
+
+    ``next_batch()`` runs on into the next epoch after the last batch of one; iterating the sampler
+    yields the remaining batches of the current epoch as ``list[int]`` (a full epoch from a fresh
+    start), so ``for batch in sampler`` is one epoch.  ``set_epoch(e)`` moves to the start of epoch
+    ``e`` (a no-op when the sampler is inside epoch ``e``, which keeps a resumed mid-epoch position;
+    after epoch ``e`` has ended, ``set_epoch(e)`` replays it).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, drop_last: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = _check_seed(seed)
+        if not isinstance(drop_last, bool):
+            raise ValueError(f"drop_last must be a bool, got {drop_last!r}")
+        self.drop_last = drop_last
+        if drop_last:
+            self._len = num_samples // self.global_batch
+        else:
+            self._len = -(-num_samples // self.global_batch)
+        self._gen = torch.Generator()
+        self._epoch = 0
+        self._step = 0
+        self._perm: np.ndarray | None = None
+        self._perm_epoch = -1
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self._epoch:
+            mixed = (self.seed * 0x9E3779B97F4A7C15 + self._epoch * 0xBF58476D1CE4E5B9 + 1) & _MASK63
+            self._gen.manual_seed(mixed)
+            self._perm = torch.randperm(self.num_samples, generator=self._gen).numpy()
+            self._perm_epoch = self._epoch
+        return self._perm
+
+    def _next_indices(self) -> np.ndarray:
+        if self._step >= self._len:
+            self._epoch += 1
+            self._step = 0
+        perm = self._permutation()
+        g0 = self._step * self.global_batch
+        g1 = min(g0 + self.global_batch, self.num_samples)
+        self._step += 1
+        if self.world_size == 1:
+            return perm[g0:g1].copy()
+        a, b = _split_bounds(g1 - g0, self.rank, self.world_size)
+        return perm[g0 + a:g0 + b].copy()
+
+    def next_batch(self) -> Batch:
+        """This rank's share of the next global batch (continues into the next epoch when one ends)."""
+        return Batch(torch.from_numpy(self._next_indices()))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The remaining batches of the current epoch as lists of indices (a full epoch from its start)."""
+        if self._step >= self._len:
+            self._epoch += 1
+            self._step = 0
+        for _ in range(self._len - self._step):
+            yield self._next_indices().tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of epoch ``epoch`` (no-op if already in it, so a mid-epoch resume is kept)."""
+        super().set_epoch(epoch)
+        epoch = int(epoch)
+        if epoch == self._epoch and self._step < self._len:
+            return
+        self._epoch, self._step = epoch, 0
+
+    @property
+    def effective_epoch(self) -> float:
+        """Completed epochs plus the fraction of the current one (steps taken / ``len``)."""
+        return self._epoch + self._step / self._len
+
+    def state_dict(self) -> dict:
+        return {"kind": "epoch", "num_samples": self.num_samples, "global_batch": self.global_batch,
+                "seed": self.seed, "drop_last": self.drop_last, "epoch": int(self._epoch),
+                "step": int(self._step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "epoch", {"num_samples": self.num_samples, "global_batch": self.global_batch,
+                                      "seed": self.seed, "drop_last": self.drop_last})
+        self._epoch = int(state["epoch"])
+        self._step = int(state["step"])
+
+
+class ReplacementSampler(_BlindSampler):
+    """Batched replacement sampling (SRS paper section 2, eq. 3).
+
+    Every step draws ``world_size * batch_size`` *distinct* indices uniformly at random (all
+    C(N, B) subsets equally likely) and puts them all back before the next step, so an example can be
+    drawn in consecutive steps but never twice within one step.  Rank ``r`` keeps the ``r``-th contiguous
+    share of the global batch.  There are no epochs: ``len()`` is ``round(N / global_batch)`` (at least
+    1), the steps per effective epoch, and each ``for batch in sampler`` pass yields that many batches,
+    continuing the same stream; :attr:`effective_epoch` = steps x global batch / N (eq. 8).
+    ``set_epoch`` is accepted and has no effect.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = _check_seed(seed)
+        self._len = max(1, math.floor(num_samples / self.global_batch + 0.5))
+        self._gen = torch.Generator()
+        self._gen.manual_seed(self.seed & _MASK63)
+        self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
+        self._steps = 0
+        self._lo = self.rank * batch_size
+        self._hi = self._lo + batch_size
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _next_indices(self) -> np.ndarray:
+        row = self._draws.next()
+        self._steps += 1
+        if self.world_size == 1:
+            return row.copy()
+        return row[self._lo:self._hi].copy()
+
+    def next_batch(self) -> Batch:
+        """This rank's share of the next global batch of distinct, uniformly drawn indices."""
+        return Batch(torch.from_numpy(self._next_indices()))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """``len(self)`` batches as lists of indices; the next pass continues the same stream."""
+        draws = self._draws
+        lo, hi, whole = self._lo, self._hi, self.world_size == 1
+        for _ in range(self._len):
+            row = draws.next()
+            self._steps += 1
+            yield row.tolist() if whole else row[lo:hi].tolist()
+
+    @property
+    def steps(self) -> int:
+        """Number of batches drawn so far."""
+        return self._steps
+
+    @property
+    def effective_epoch(self) -> float:
+        """Steps x global batch / N (eq. 8 of the SRS paper)."""
+        return self._steps * self.global_batch / self.num_samples
+
+    def state_dict(self) -> dict:
+        return {"kind": "replacement", "num_samples": self.num_samples, "global_batch": self.global_batch,
+                "seed": self.seed, "steps": int(self._steps), "draws": self._draws.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "replacement", {"num_samples": self.num_samples,
+                                            "global_batch": self.global_batch, "seed": self.seed})
+        self._draws.load_state_dict(state["draws"])
+        self._steps = int(state["steps"])
+
+
+def _options(name: str, options: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        ok = ", ".join(sorted(allowed)) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for sampler {name!r}; allowed: {ok}")
+
+
+@register("epoch")
+def _make_epoch(ctx, **options) -> EpochSampler:
+    _options("epoch", options, {"drop_last"})
+    return EpochSampler(ctx.num_samples, ctx.batch_size, seed=ctx.seed, rank=ctx.rank,
+                        world_size=ctx.world_size, **options)
+
+
+@register("replacement")
+def _make_replacement(ctx, **options) -> ReplacementSampler:
+    _options("replacement", options, set())
+    return ReplacementSampler(ctx.num_samples, ctx.batch_size, seed=ctx.seed, rank=ctx.rank,
+                              world_size=ctx.world_size)

@@ -1,0 +1,182 @@
+"""Sequenced-replacement sampling (SRS).
+
+Implements section 2 and Fig. 1 of "Sequenced-Replacement Sampling for Deep Learning" (ICLR 2019
+submission).  The sampler keeps a *pool* of N slots that initially holds every example once, and a
+cyclic *sequence* over the N examples with a cursor, fixed for the whole run.  Each step:
+
+1. choose B distinct slots uniformly at random -- the mini-batch is their contents;
+2. refill those B slots with the next B examples of the sequence (the cursor advances by B and wraps).
+
+Unlike batched replacement sampling, the drawn examples are not put back: fresh examples from the
+sequence take their place, so recently drawn examples are less likely to be drawn again soon and every
+example enters the pool once per pass over the sequence.  The pool may hold an example several times,
+or not at all, at any moment.  Fig. 1 (N=5, B=2, identity sequence, 1-based labels): pool {1,2,3,4,5};
+draw {2,5}; refill with 1,2 -> {1,1,2,3,4}; draw {1,1}; refill with 3,4 -> {2,3,3,4,4}.
+
+There are no epochs.  The paper's *effective epoch* (eq. 8) is steps x B / N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .base import Batch, register
+from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _resolve
+
+__all__ = ["SequencedReplacementSampler"]
+
+_ORDERS = ("random", "identity")
+
+
+class SequencedReplacementSampler(_BlindSampler):
+    """Sequenced-replacement sampling (SRS paper, section 2 and Fig. 1; effective epoch eq. 8).
+
+    Parameters
+    ----------
+    num_samples:
+        N, the dataset size (and the number of pool slots).
+    batch_size:
+        B per rank; the global batch is ``world_size * batch_size`` slots per step.
+    seed:
+        Seeds the private generator that draws the sequence (``order="random"``) and the slots.
+    order:
+        ``"random"`` -- the sequence is a seeded random permutation drawn once; ``"identity"`` --
+        examples 0, 1, ..., N-1 in order, as in the paper's Fig. 1.
+    rank, world_size:
+        Data parallelism: every rank runs the same pool with the same draws and keeps the ``rank``-th
+        contiguous share of the global batch (no communication).  Default: the initialized process
+        group, else a single process.
+
+    Each step costs O(B) work independent of N (a block of slot draws is generated every few hundred
+    steps, see :class:`~sgdlab.sampling.blind._DistinctSlots`); the pool and the sequence take O(N)
+    memory once.  ``len()`` is ``round(N / global_batch)`` (at least 1), the number of steps in an
+    effective epoch, matching the paper's n_B = round(N / B); each ``for batch in sampler`` pass yields
+    that many ``list[int]`` batches and the next pass continues the same stream.  :attr:`effective_epoch`
+    is the exact ratio steps x global batch / N.  ``set_epoch`` is accepted for compatibility with
+    ``DistributedSampler``-style loops and has no effect: SRS has no epochs.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, order: str = "random",
+                 rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = _check_seed(seed)
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {', '.join(map(repr, _ORDERS))}, got {order!r}")
+        self.order = order
+        self._len = max(1, math.floor(num_samples / self.global_batch + 0.5))
+        self._gen = torch.Generator()
+        self._gen.manual_seed(self.seed & _MASK63)
+        if order == "random":
+            sequence = torch.randperm(num_samples, generator=self._gen)
+        else:
+            sequence = torch.arange(num_samples)
+        # The sequence followed by its first G entries: every refill window is one contiguous slice.
+        self._seq_ext = torch.cat([sequence, sequence[: self.global_batch]]).numpy()
+        self._pool_t = sequence.clone()  # the pool initially holds every example once
+        self._pool = self._pool_t.numpy()  # shares memory with _pool_t
+        self._cursor = 0
+        self._steps = 0
+        self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
+        self._lo = self.rank * batch_size
+        self._hi = self._lo + batch_size
+
+    def __len__(self) -> int:
+        return self._len
+
+    # -- the algorithm ------------------------------------------------------------------------------
+
+    def _step(self, slots) -> np.ndarray:
+        """One SRS step on the given distinct global slot positions; returns the global batch.
+
+        The batch is the pool's contents at ``slots``; those slots are then refilled, in the order
+        given, with the next ``len(slots)`` examples of the sequence.  ``next_batch`` calls this with
+        uniformly drawn slots; tests call it with chosen slots to walk the paper's Fig. 1.
+        """
+        g = self.global_batch
+        if not isinstance(slots, np.ndarray):
+            slots = np.asarray(slots, dtype=np.int64)
+            if slots.shape != (g,) or len(np.unique(slots)) != g or slots.min() < 0 \
+                    or slots.max() >= self.num_samples:
+                raise ValueError(f"slots must be {g} distinct positions in [0, {self.num_samples})")
+        pool = self._pool
+        batch = pool[slots]
+        c = self._cursor
+        pool[slots] = self._seq_ext[c:c + g]
+        c += g
+        self._cursor = c - self.num_samples if c >= self.num_samples else c
+        self._steps += 1
+        return batch
+
+    def next_batch(self) -> Batch:
+        """This rank's share of the next SRS global batch (the global batch may repeat an example)."""
+        batch = self._step(self._draws.next())
+        if self.world_size > 1:
+            batch = batch[self._lo:self._hi]
+        return Batch(torch.from_numpy(batch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """``len(self)`` batches as lists of indices (one effective epoch); the next pass continues."""
+        draws, step = self._draws, self._step
+        lo, hi, whole = self._lo, self._hi, self.world_size == 1
+        for _ in range(self._len):
+            batch = step(draws.next())
+            yield batch.tolist() if whole else batch[lo:hi].tolist()
+
+    # -- inspection ---------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """A copy of the pool: ``pool[s]`` is the example currently in slot ``s``."""
+        return self._pool_t.clone()
+
+    @property
+    def sequence(self) -> torch.Tensor:
+        """A copy of the cyclic sequence of examples used to refill the pool."""
+        return torch.from_numpy(self._seq_ext[: self.num_samples].copy())
+
+    @property
+    def cursor(self) -> int:
+        """Position in the sequence of the next example to enter the pool."""
+        return self._cursor
+
+    @property
+    def steps(self) -> int:
+        """Number of batches drawn so far."""
+        return self._steps
+
+    @property
+    def effective_epoch(self) -> float:
+        """Steps x global batch / N (eq. 8 of the SRS paper)."""
+        return self._steps * self.global_batch / self.num_samples
+
+    # -- resume -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"kind": "srs", "num_samples": self.num_samples, "global_batch": self.global_batch,
+                "seed": self.seed, "order": self.order, "steps": int(self._steps),
+                "cursor": int(self._cursor), "pool": self._pool_t.clone(),
+                "draws": self._draws.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "srs", {"num_samples": self.num_samples, "global_batch": self.global_batch,
+                                    "seed": self.seed, "order": self.order})
+        pool = state["pool"]
+        if not isinstance(pool, torch.Tensor) or pool.shape != (self.num_samples,):
+            raise ValueError(f"state['pool'] must be a tensor of shape ({self.num_samples},)")
+        self._pool_t.copy_(pool.to(torch.int64))
+        self._draws.load_state_dict(state["draws"])
+        self._steps = int(state["steps"])
+        self._cursor = int(state["cursor"])
+
+
+@register("srs")
+def _make_srs(ctx, **options) -> SequencedReplacementSampler:
+    _options("srs", options, {"order"})
+    return SequencedReplacementSampler(ctx.num_samples, ctx.batch_size, seed=ctx.seed, rank=ctx.rank,
+                                       world_size=ctx.world_size, **options)
