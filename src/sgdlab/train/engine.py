@@ -529,7 +529,7 @@ class _Run:
         x_all, y_all = self.ds.train_x, self.ds.train_y
         data_device = x_all.device
         model, opt, source, transforms = self.train_model, self.opt, self.source, self.transforms
-        base_lrs = [g["lr"] for g in opt.param_groups]
+        base_lrs = [c.optim.lr] * len(opt.param_groups)  # never the scheduled lr of a restored optimizer
         unit, log_every = c.schedule.unit, c.log.every
         eval_every, ckpt_every = c.eval.every, c.checkpoint.every
         by_time = self.total_steps is None

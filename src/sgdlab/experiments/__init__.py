@@ -1,0 +1,37 @@
+"""Experiments: sweeps over configs x seeds, aggregation with bootstrap intervals, reports, and the
+studies that test the papers' claims (``sgdlab sweep``, ``sgdlab report``, ``sgdlab study``)."""
+
+from .aggregate import Difference, Stats, bootstrap_ci, bootstrap_difference, load_trials, summarize
+from .sweep import Point, parse_grid, run_sweep, trial_name
+from .verdict import Verdict, decide, decide_equivalence
+
+__all__ = [
+    "STUDIES",
+    "Difference",
+    "Point",
+    "Stats",
+    "Verdict",
+    "bootstrap_ci",
+    "bootstrap_difference",
+    "decide",
+    "decide_equivalence",
+    "load_trials",
+    "parse_grid",
+    "run_study",
+    "run_sweep",
+    "summarize",
+    "trial_name",
+    "write_report",
+]
+
+
+def __getattr__(name):  # the report and studies pull in matplotlib: load them on first use
+    if name == "write_report":
+        from .report import write_report
+
+        return write_report
+    if name in ("run_study", "STUDIES"):
+        from . import studies
+
+        return getattr(studies, name)
+    raise AttributeError(name)

@@ -1,0 +1,289 @@
+"""``sgdlab report DIR``: a self-contained Markdown + HTML report of a sweep, PNG figures beside them.
+
+Contents: learning curves per group (median across seeds with the 25-75% band; test error and
+training loss against epochs and against wall-clock time, as in the SRS paper's Figs. 2-3 and the
+importance-sampling paper's loss-vs-time plots), a table of final metrics per group (median, mean,
+95% bootstrap interval, n; shake-shake's Table 1 is such a table) and, for a baseline group, each
+group's difference from it with its bootstrap interval (:mod:`sgdlab.experiments.aggregate`).
+Studies append their own sections (verdicts, analyses) through ``sections``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..errors import ConfigError
+from . import aggregate as agg
+
+__all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report"]
+
+METRIC_NAMES = {
+    "test_error": "test error", "test_acc": "test accuracy", "test_loss": "test loss",
+    "train_eval_loss": "training loss (full train set)", "train_loss": "training loss (mini-batch)",
+    "train_loss_auc": "mean training loss over the run", "best_test_acc": "best test accuracy",
+    "wall_time": "training time (s)", "sharpness": "sharpness",
+}
+DEFAULT_METRICS = ("test_error", "test_loss", "train_eval_loss", "train_loss_auc", "wall_time")
+
+
+@dataclass
+class Block:
+    """One piece of a report: ``kind`` is ``h``, ``p``, ``table`` (``headers``, ``rows``) or ``img`` (``path``)."""
+
+    kind: str
+    text: str = ""
+    headers: Sequence[str] = ()
+    rows: Sequence[Sequence[Any]] = ()
+    path: str = ""
+
+
+@dataclass
+class Section:
+    """A titled list of blocks."""
+
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """Numbers with ``digits`` significant digits; everything else as text."""
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _md_cell(v: Any) -> str:
+    return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+
+def render(title: str, sections: Sequence[Section]) -> tuple[str, str]:
+    """``(markdown, html)`` of the sections; images are referenced by relative path."""
+    md = [f"# {title}", ""]
+    h = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+         ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+         "th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
+         ".supported{color:#1a7f37;font-weight:bold}.contradicted{color:#c62828;font-weight:bold}"
+         ".inconclusive{color:#8a6d00}</style>"), "</head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        md += [f"## {s.title}", ""]
+        h.append(f"<h2>{html.escape(s.title)}</h2>")
+        for b in s.blocks:
+            if b.kind == "h":
+                md += [f"### {b.text}", ""]
+                h.append(f"<h3>{html.escape(b.text)}</h3>")
+            elif b.kind == "p":
+                md += [b.text, ""]
+                h.append(f"<p>{html.escape(b.text)}</p>")
+            elif b.kind == "table":
+                md.append("| " + " | ".join(_md_cell(x) for x in b.headers) + " |")
+                md.append("|" + "|".join("---" for _ in b.headers) + "|")
+                for r in b.rows:
+                    md.append("| " + " | ".join(_md_cell(x) for x in r) + " |")
+                md.append("")
+                h.append("<table><tr>" + "".join(f"<th>{html.escape(str(x))}</th>" for x in b.headers) + "</tr>")
+                for r in b.rows:
+                    cells = []
+                    for x in r:
+                        text = html.escape(fmt(x))
+                        cls = f" class='{x}'" if x in ("supported", "contradicted", "inconclusive") else ""
+                        cells.append(f"<td{cls}>{text}</td>")
+                    h.append("<tr>" + "".join(cells) + "</tr>")
+                h.append("</table>")
+            elif b.kind == "img":
+                md += [f"![{b.text}]({b.path})", ""]
+                h.append(f"<figure><img src='{html.escape(b.path)}' alt='{html.escape(b.text)}'>"
+                         f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+            else:
+                raise ValueError(f"block kind must be h, p, table or img, got {b.kind!r}")
+    h.append("</body></html>")
+    return "\n".join(md) + "\n", "\n".join(h) + "\n"
+
+
+def _groups(trials: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for t in trials:
+        out.setdefault(t["label"], []).append(t)
+    return out
+
+
+def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str | None = None,
+                  logy: bool = False) -> bool:
+    """One panel of learning curves: per group the median across seeds and the 25-75% band.
+
+    Returns False (and writes nothing) when no trial logged ``y``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for label, ts in _groups([t for t in trials if t["status"] == "completed"]).items():
+        c = agg.curve(ts, y, x)
+        if c is None:
+            continue
+        grid, ys = c
+        med = np.median(ys, axis=0)
+        line, = ax.plot(grid, med, label=f"{label} (n={len(ys)})")
+        if len(ys) > 1:
+            q1, q3 = np.quantile(ys, [0.25, 0.75], axis=0)
+            ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel({"epoch": "epochs", "time": "wall-clock time (s)", "step": "steps"}.get(x, x))
+    ax.set_ylabel(METRIC_NAMES.get(y, y))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title or f"{METRIC_NAMES.get(y, y)} vs {x}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _parse_baseline(baseline: str | None, trials: list[dict]) -> str | None:
+    """The label of the baseline group: ``label=<group label>`` or ``key=value`` matching one grid point."""
+    if baseline is None:
+        return None
+    if "=" not in baseline:
+        raise ConfigError(f"--baseline {baseline!r}: expected key=value (e.g. sampler.name=epoch) or label=NAME")
+    key, value = baseline.split("=", 1)
+    labels = list(_groups(trials))
+    if key in ("label", "group"):
+        if value not in labels:
+            raise ConfigError(f"--baseline: no group labelled {value!r}; groups: {', '.join(labels)}")
+        return value
+    want = yaml.safe_load(value)
+    hits = sorted({t["label"] for t in trials if key in t["overrides"] and t["overrides"][key] == want})
+    if not hits:
+        raise ConfigError(f"--baseline {baseline!r}: no group has {key}={value}; groups: {', '.join(labels)}")
+    if len(hits) > 1:
+        raise ConfigError(f"--baseline {baseline!r} matches several groups ({', '.join(hits)}); "
+                          f"name one with label=NAME")
+    return hits[0]
+
+
+def metric_tables(trials: list[dict], metrics: Sequence[str], baseline: str | None = None) -> list[Block]:
+    """Final-metric table per metric (median, mean, 95% CI, n) and, with a baseline, the differences."""
+    blocks: list[Block] = []
+    for m in metrics:
+        vals = agg.group_values(trials, m)
+        if not any(vals.values()):
+            continue
+        rows = []
+        for label, by_seed in vals.items():
+            if not by_seed:
+                rows.append([label, "", "", "", 0])
+                continue
+            s = agg.summarize(list(by_seed.values()))
+            rows.append([label, s.median, s.mean, f"[{fmt(s.ci_low)}, {fmt(s.ci_high)}]", s.n])
+        blocks.append(Block("h", METRIC_NAMES.get(m, m)))
+        blocks.append(Block("table", headers=["group", "median", "mean", "95% CI of mean", "n"], rows=rows))
+        if baseline is not None and vals.get(baseline):
+            rows = []
+            for label, by_seed in vals.items():
+                if label == baseline or not by_seed:
+                    continue
+                d = difference(vals, label, baseline)
+                rows.append([label, d.estimate, f"[{fmt(d.ci_low)}, {fmt(d.ci_high)}]",
+                             "paired" if d.paired else "unpaired", f"{d.n_treatment}/{d.n_baseline}"])
+            if rows:
+                blocks.append(Block("p", f"Difference from the baseline '{baseline}' (group minus baseline):"))
+                blocks.append(Block("table", headers=["group", "difference of means", "95% CI", "bootstrap",
+                                                      "n"], rows=rows))
+    return blocks
+
+
+def difference(vals: dict[str, dict[int, float]], treatment: str, baseline: str) -> agg.Difference:
+    """Bootstrap difference of two groups' values, paired by seed when both ran the same seeds."""
+    a, b = vals[treatment], vals[baseline]
+    if not a or not b:
+        raise ValueError(f"difference: group {treatment if not a else baseline!r} has no completed trials")
+    if set(a) == set(b) and len(a) > 1:
+        seeds = sorted(a)
+        return agg.bootstrap_difference([a[s] for s in seeds], [b[s] for s in seeds], paired=True)
+    return agg.bootstrap_difference(list(a.values()), list(b.values()))
+
+
+def standard_sections(trials: list[dict], out: Path, *, baseline: str | None = None,
+                      metrics: Sequence[str] = DEFAULT_METRICS,
+                      figures: Sequence[tuple[str, str]] | None = None, prefix: str = "") -> list[Section]:
+    """Learning-curve figures and final-metric tables for the trials (figures saved into ``out``)."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    groups = _groups(trials)
+    overview = Section("Overview", [
+        Block("p", f"{len(trials)} trials in {len(groups)} groups; status: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."),
+        Block("table", headers=["group", "overrides", "seeds"],
+              rows=[[g, ", ".join(f"{k}={agg_json(v)}" for k, v in ts[0]["overrides"].items()),
+                     " ".join(str(t["seed"]) for t in ts)] for g, ts in groups.items()]),
+    ])
+    if figures is None:
+        figures = [("test_error", "epoch"), ("train_loss", "epoch"), ("train_eval_loss", "epoch"),
+                   ("test_error", "time"), ("train_loss", "time"), ("train_eval_loss", "time")]
+    curves = Section("Learning curves", [Block("p", "Median across seeds; the band spans the 25th to 75th "
+                                                    "percentile.")])
+    for y, x in figures:
+        name = f"{prefix}curve_{y}_vs_{x}.png"
+        if curves_figure(trials, y, x, out / name, logy=y in ("train_loss", "train_eval_loss")):
+            curves.blocks.append(Block("img", f"{METRIC_NAMES.get(y, y)} against {x}", path=name))
+    finals = Section("Final metrics", [Block("p", "Per group over seeds: median, mean, 95% bootstrap interval "
+                                                  "of the mean (expanded percentile), number of seeds.")]
+                     + metric_tables(trials, metrics, baseline))
+    return [overview, curves, finals]
+
+
+def agg_json(v: Any) -> str:
+    import json
+
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+
+
+def write_report(sweep_dir, out_dir=None, *, baseline: str | None = None,
+                 metrics: Sequence[str] = DEFAULT_METRICS, title: str | None = None,
+                 sections: Sequence[Section] = (), figures: Sequence[tuple[str, str]] | None = None,
+                 lead: Sequence[Section] = ()) -> dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` (figures beside them) for the sweep in ``sweep_dir``.
+
+    ``baseline`` is ``key=value`` (the group whose grid point sets ``key`` to ``value``) or
+    ``label=NAME``; ``metrics`` the final metrics tabulated; ``figures`` the ``(y, x)`` learning-curve
+    panels (default: test error, mini-batch and full training loss against epochs and time);
+    ``lead``/``sections`` extra sections placed before/after the standard ones.
+    Returns ``{"markdown": path, "html": path}``.
+    """
+    sweep_dir = Path(sweep_dir)
+    try:
+        trials = agg.load_trials(sweep_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(out_dir) if out_dir is not None else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    base_label = _parse_baseline(baseline, trials)
+    all_sections = list(lead) + standard_sections(trials, out, baseline=base_label, metrics=metrics,
+                                                  figures=figures) + list(sections)
+    md, h = render(title or f"Sweep report: {sweep_dir.name}", all_sections)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(h)
+    return {"markdown": out / "report.md", "html": out / "report.html"}

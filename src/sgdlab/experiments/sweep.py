@@ -1,0 +1,400 @@
+"""Sweeps: a base config x grid points x seeds, run in parallel, resumable.
+
+Every trial is an ordinary run directory (see :mod:`sgdlab.train`) inside the sweep directory, named
+after its grid point and seed (stable and filesystem-safe), and ``sweep.json`` lists the trials. A
+sweep can be rerun at any time: trials whose ``summary.json`` says ``completed`` (or ``nonfinite``)
+are skipped, interrupted ones (a ``config.yaml`` without a final summary) continue from their last
+checkpoint via :func:`sgdlab.train.resume`, and missing ones start.
+
+Backends: ``process`` (default; ``jobs`` spawned worker processes, one torch thread each, or in
+this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backend`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+__all__ = [
+    "Point",
+    "Trial",
+    "execute_trial",
+    "grid_points",
+    "parse_grid",
+    "plan",
+    "point_label",
+    "run_sweep",
+    "set_dotted",
+    "trial_name",
+    "trial_state",
+]
+
+_MAX_NAME = 100
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: dotted-key overrides of the base config and a label naming its group."""
+
+    overrides: Mapping[str, Any]
+    label: str | None = None
+
+    def name(self) -> str:
+        return self.label if self.label is not None else point_label(self.overrides)
+
+
+@dataclass
+class Trial:
+    """One run of a sweep: a grid point, a seed, the resolved config dict and its run directory name."""
+
+    name: str
+    label: str
+    overrides: dict
+    seed: int
+    config: dict = field(repr=False)
+
+    def manifest(self) -> dict:
+        return {"name": self.name, "label": self.label, "overrides": self.overrides, "seed": self.seed}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def point_label(overrides: Mapping[str, Any]) -> str:
+    """Human-readable group label: ``key=value, key=value`` (``base`` for no overrides)."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in overrides.items()) or "base"
+
+
+def _safe(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("._")
+    return s or "x"
+
+
+def trial_name(point: Point | Mapping[str, Any], seed: int) -> str:
+    """Stable, filesystem-safe run directory name of a grid point and seed.
+
+    Labelled points use their label; others ``key=value`` pairs joined by ``__``; then ``__seed=<seed>``.
+    Characters outside ``[A-Za-z0-9._=+-]`` become ``_``; names longer than 100 characters are cut and
+    given an 8-hex-digit hash of the full text so that they stay unique.
+    """
+    if not isinstance(point, Point):
+        point = Point(dict(point))
+    if point.label is not None:
+        base = _safe(point.label)
+        full = point.label
+    else:
+        base = "__".join(_safe(f"{k}={_fmt(v)}") for k, v in point.overrides.items()) or "base"
+        full = json.dumps(dict(point.overrides), sort_keys=True, default=str)
+    if len(base) > _MAX_NAME:
+        base = base[:_MAX_NAME] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
+    return f"{base}__seed={int(seed)}"
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``["optim.lr=0.1,0.05", "model.name=mlp,cnn1d"]`` -> ``{"optim.lr": [0.1, 0.05], ...}``.
+
+    The values after ``=`` are read as a YAML flow sequence, so lists and mappings work:
+    ``schedule.milestones=[10,20],[30,40]`` or ``model.shake={forward: even},{forward: shake}``.
+    """
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,... (e.g. optim.lr=0.1,0.05)")
+        key, rhs = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--grid {item!r}: empty key")
+        try:
+            values = yaml.safe_load("[" + rhs + "]")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--grid {item!r}: values are not valid YAML ({e})") from None
+        if not values:
+            raise ConfigError(f"--grid {item!r}: no values")
+        grid[key] = values
+    return grid
+
+
+def grid_points(grid: Mapping[str, Sequence]) -> list[Point]:
+    """The cross product of the grid's values, in the order given (last key varies fastest)."""
+    keys = list(grid)
+    return [Point(dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _load_raw(config) -> dict:
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(config))
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return raw
+
+
+def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1) -> tuple[dict, list[Trial]]:
+    """``(base, trials)``: the validated trials of ``config`` x ``points`` x ``seeds`` (seed = 0..N-1 for an int).
+
+    Every trial's config is validated now (bad keys raise :class:`~sgdlab.errors.ConfigError` before
+    anything runs); progress bars are switched off inside trials.
+    """
+    from ..train.config import config_to_dict, load_config
+
+    base = _load_raw(config)
+    seed_list = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise ConfigError("seeds: need at least one seed")
+    if len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"seeds: repeated seeds in {seed_list}")
+    points = list(points) if points else [Point({})]
+    trials: list[Trial] = []
+    names: set[str] = set()
+    for p in points:
+        for s in seed_list:
+            name = trial_name(p, s)
+            if name in names:
+                raise ConfigError(f"grid: two trials would share the run directory {name!r}")
+            names.add(name)
+            raw = json.loads(json.dumps(base))
+            for k, v in p.overrides.items():
+                set_dotted(raw, k, v)
+            raw["seed"] = s
+            set_dotted(raw, "log.progress", False)
+            cfg = config_to_dict(load_config(raw))
+            trials.append(Trial(name, p.name(), dict(p.overrides), s, cfg))
+    return base, trials
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for the dotted ``key`` ``"a.b.c"`` (sections created as needed)."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"grid key {key!r}: '{part}' is not a section")
+    node[parts[-1]] = json.loads(json.dumps(value))
+
+
+def trial_state(run_dir) -> str:
+    """``completed``, ``nonfinite`` (both final), ``interrupted`` (config.yaml, no final summary) or ``new``."""
+    d = Path(run_dir)
+    summary = d / "summary.json"
+    if summary.is_file():
+        try:
+            status = json.loads(summary.read_text()).get("status")
+        except json.JSONDecodeError:
+            status = None
+        if status in ("completed", "nonfinite"):
+            return status
+    if (d / "config.yaml").is_file():
+        return "interrupted"
+    return "new"
+
+
+def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dict:
+    """Run, resume or skip one trial (this is what a worker process or Ray task executes).
+
+    Returns ``{"action": skipped|resumed|ran|failed, "status": ..., "message": ...}``; exceptions are
+    caught and reported, so one failing trial does not stop the sweep.
+    """
+    import torch
+
+    from .. import train
+    from ..errors import NonFiniteLossError
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    d = Path(run_dir)
+    state = trial_state(d)
+    if state in ("completed", "nonfinite"):
+        return {"action": "skipped", "status": state}
+    try:
+        if state == "interrupted":
+            train.resume(d, quiet=True)
+            return {"action": "resumed", "status": "completed"}
+        train.run(config, d, quiet=True)
+        return {"action": "ran", "status": "completed"}
+    except NonFiniteLossError as e:
+        return {"action": "ran", "status": "nonfinite", "message": str(e)}
+    except Exception as e:  # noqa: BLE001 - reported in the manifest, the sweep goes on
+        return {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=5)}
+
+
+_POOL: dict = {"jobs": None, "executor": None}
+
+
+def _close_pool(cancel: bool = False) -> None:
+    ex = _POOL["executor"]
+    _POOL.update(jobs=None, executor=None)
+    if ex is not None:
+        ex.shutdown(wait=not cancel, cancel_futures=True)
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    """A pool of ``jobs`` spawned workers, kept for later sweeps of this process (``study all`` pays the
+    workers' start-up, importing torch, once); replaced if its size differs or a worker died."""
+    ex = _POOL["executor"]
+    if ex is None or _POOL["jobs"] != jobs or getattr(ex, "_broken", False):
+        _close_pool(cancel=True)
+        ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(1,))
+        _POOL.update(jobs=jobs, executor=ex)
+        if not _POOL.get("atexit"):
+            atexit.register(_close_pool)
+            _POOL["atexit"] = True
+    return ex
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> None:
+    rows = []
+    for t in trials:
+        r = results.get(t.name, {})
+        rows.append(dict(t.manifest(), status=r.get("status", trial_state(out / t.name)),
+                         **({"message": r["message"]} if r.get("message") else {})))
+    payload = {"version": 1, "base": base, "trials": rows, **extra}
+    tmp = out / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, out / "sweep.json")
+
+
+def _check_existing(out: Path, trials: list[Trial]) -> None:
+    """A trial directory from an earlier sweep must hold the same config (seed and grid point)."""
+    from ..train.config import config_to_dict, load_config
+
+    for t in trials:
+        path = out / t.name / "config.yaml"
+        if path.is_file():
+            on_disk = config_to_dict(load_config(path))
+            on_disk["log"]["progress"] = t.config["log"]["progress"]
+            if on_disk != t.config:
+                raise ConfigError(f"{out / t.name} holds a run with a different config; use another --out "
+                                  f"or delete that directory")
+
+
+def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1, out_dir="runs/sweep",
+              *, jobs: int = 1, backend: str = "process", address: str | None = None, progress: bool = True,
+              extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None) -> dict:
+    """Run every trial of ``config`` x ``points`` x ``seeds`` into ``out_dir``; return ``sweep.json``'s content.
+
+    ``jobs`` worker processes (spawned; ``torch.set_num_threads(1)`` in each when ``jobs > 1``) or, with
+    ``backend="ray"``, one Ray task per trial on the cluster at ``address`` (a local instance if
+    ``None``). Finished trials are skipped and interrupted ones resumed (see module doc). The returned
+    dict adds ``counts`` (trials per action: ran, resumed, skipped, failed).
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if backend not in ("process", "ray"):
+        raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
+    base, trials = plan(config, points, seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing(out, trials)
+    extra = dict(extra_manifest or {})
+    results: dict[str, dict] = {}
+    _write_manifest(out, base, trials, results, extra)
+    counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0}
+    todo = [t for t in trials if trial_state(out / t.name) not in ("completed", "nonfinite")]
+    for t in trials:
+        if t not in todo:
+            results[t.name] = {"action": "skipped", "status": trial_state(out / t.name)}
+            counts["skipped"] += 1
+
+    def record(t: Trial, r: dict) -> None:
+        results[t.name] = r
+        counts[r["action"]] = counts.get(r["action"], 0) + 1
+        _write_manifest(out, base, trials, results, extra)
+        if on_result is not None:
+            on_result(t, r)
+
+    bar_ctx = _progress(progress, len(trials), len(trials) - len(todo), out)
+    with bar_ctx as bar:
+        task = bar.add_task("sweep", total=len(trials), completed=len(trials) - len(todo), info="") if bar else None
+
+        def done(t: Trial, r: dict) -> None:
+            record(t, r)
+            if bar is not None:
+                bar.update(task, advance=1, info=f"{t.name}: {r['action']}" + (
+                    f" ({r['message']})" if r.get("status") == "failed" else ""))
+
+        if not todo:
+            pass
+        elif backend == "ray":
+            from .ray_backend import run_trials
+
+            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done)
+        elif jobs == 1:
+            for t in todo:
+                done(t, execute_trial(t.config, str(out / t.name)))
+        else:
+            ex = _pool(jobs)
+            pending = {ex.submit(execute_trial, t.config, str(out / t.name), 1): t for t in todo}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        t = pending.pop(f)
+                        try:
+                            r = f.result()
+                        except Exception as e:  # noqa: BLE001 - a crashed worker process
+                            r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
+                        done(t, r)
+            except BaseException:
+                _close_pool(cancel=True)
+                raise
+    manifest = json.loads((out / "sweep.json").read_text())
+    manifest["counts"] = counts
+    return manifest
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, total: int, completed: int, out: Path):
+    if not enabled:
+        return _NoBar()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(f"[bold]{out.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
