@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..train.config import read_raw_config
 
 __all__ = [
     "Point",
@@ -141,16 +142,7 @@ def grid_points(grid: Mapping[str, Sequence]) -> list[Point]:
 def _load_raw(config) -> dict:
     if isinstance(config, Mapping):
         return json.loads(json.dumps(config))
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return raw
+    return read_raw_config(Path(config))
 
 
 def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1) -> tuple[dict, list[Trial]]:

@@ -285,24 +285,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_raw_config(source) -> dict:
+    """The unvalidated config dict of a YAML path, a dict (copied), a :class:`Config`, or None (empty)."""
+    if isinstance(source, Config):
+        return config_to_dict(source)
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return raw
+
+
 def load_config(source=None, overrides: list[str] | None = None) -> Config:
     """Validate a config from a YAML path, a dict, or a :class:`Config` (plus dotted overrides)."""
-    if isinstance(source, Config):
-        raw = config_to_dict(source)
-    elif source is None:
-        raw = {}
-    elif isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = read_raw_config(source)
     if overrides:
         raw = apply_overrides(raw, overrides)
     try:
