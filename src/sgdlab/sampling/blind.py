@@ -208,8 +208,9 @@ class _BlindSampler:
         return self.effective_epoch
 
     @property
-    def effective_epoch(self) -> float:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def effective_epoch(self) -> float:
+        """Steps x global batch / N (eq. 8 of the SRS paper); EpochSampler counts real epochs instead."""
+        return self._steps * self.global_batch / self.num_samples
 
     def __repr__(self) -> str:
         extra = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
@@ -370,11 +371,6 @@ class ReplacementSampler(_BlindSampler):
     def steps(self) -> int:
         """Number of batches drawn so far."""
         return self._steps
-
-    @property
-    def effective_epoch(self) -> float:
-        """Steps x global batch / N (eq. 8 of the SRS paper)."""
-        return self._steps * self.global_batch / self.num_samples
 
     def state_dict(self) -> dict:
         return {"kind": "replacement", "num_samples": self.num_samples, "global_batch": self.global_batch,

@@ -37,6 +37,18 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
+def _gather_feedback(indices, losses, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trained indices and their losses (all ranks' under DDP) as CPU int64 / float64 vectors."""
+    idx = torch.as_tensor(indices).long().reshape(-1)
+    val = torch.as_tensor(losses).detach().reshape(-1).float()
+    if idx.numel() != val.numel():
+        raise ValueError(f"observe: {idx.numel()} indices but {val.numel()} losses")
+    if world_size > 1:
+        idx = _all_gather_cat(idx.to(val.device), world_size)
+        val = _all_gather_cat(val, world_size)
+    return idx.cpu(), val.to("cpu", torch.float64)
+
+
 def rank_probabilities(num_samples: int, s_e: float) -> torch.Tensor:
     """Selection probability of rank ``r = 0..N-1`` (0 = highest loss): ``p_r ∝ exp(-log(s_e) r / (N - 1))``.
 
@@ -177,14 +189,8 @@ class OnlineBatchSelection:
         """Refresh the latest losses of the trained examples (gathered across ranks under DDP)."""
         if losses is None:
             return
-        idx = torch.as_tensor(indices).long().reshape(-1)
-        val = torch.as_tensor(losses).detach().reshape(-1).float()
-        if idx.numel() != val.numel():
-            raise ValueError(f"observe: {idx.numel()} indices but {val.numel()} losses")
-        if self.world_size > 1:
-            idx = _all_gather_cat(idx.to(val.device), self.world_size)
-            val = _all_gather_cat(val, self.world_size)
-        self.losses[idx.cpu()] = val.to("cpu", torch.float64)
+        idx, val = _gather_feedback(indices, losses, self.world_size)
+        self.losses[idx] = val
         self._probs = None
 
     def metrics(self) -> dict[str, float]:
@@ -295,15 +301,8 @@ class PrioritizedSampler:
         """Set the priorities of the trained examples to ``|loss| + eps`` (gathered across ranks under DDP)."""
         if losses is None:
             return
-        idx = torch.as_tensor(indices).long().reshape(-1)
-        val = torch.as_tensor(losses).detach().reshape(-1).float()
-        if idx.numel() != val.numel():
-            raise ValueError(f"observe: {idx.numel()} indices but {val.numel()} losses")
-        if self.world_size > 1:
-            idx = _all_gather_cat(idx.to(val.device), self.world_size)
-            val = _all_gather_cat(val, self.world_size)
-        idx = idx.cpu()
-        pr = val.to("cpu", torch.float64).abs() + self.eps
+        idx, val = _gather_feedback(indices, losses, self.world_size)
+        pr = val.abs() + self.eps
         self.priorities[idx] = pr
         self.seen[idx] = True
         self.max_priority = max(self.max_priority, float(pr.max()))

@@ -150,11 +150,6 @@ class SequencedReplacementSampler(_BlindSampler):
         """Number of batches drawn so far."""
         return self._steps
 
-    @property
-    def effective_epoch(self) -> float:
-        """Steps x global batch / N (eq. 8 of the SRS paper)."""
-        return self._steps * self.global_batch / self.num_samples
-
     # -- resume -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
