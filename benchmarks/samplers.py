@@ -32,8 +32,8 @@ def _window(steps_per_epoch: int, minimum: int = 20000) -> int:
     return math.ceil(minimum / steps_per_epoch) * steps_per_epoch
 
 
-def _time_iter(make_iter, n_batches: int, repeats: int) -> float:
-    """Median seconds per batch of pulling ``n_batches`` from a restarting iterator."""
+def _puller(make_iter):
+    """``pull(k)``: take ``k`` batches from an iterator that is restarted whenever it ends."""
     state = {"it": make_iter()}
 
     def pull(k):
@@ -44,7 +44,12 @@ def _time_iter(make_iter, n_batches: int, repeats: int) -> float:
             except StopIteration:
                 it = state["it"] = make_iter()
                 next(it)
+    return pull
 
+
+def _time_iter(make_iter, n_batches: int, repeats: int) -> float:
+    """Median seconds per batch of pulling ``n_batches`` from a restarting iterator."""
+    pull = _puller(make_iter)
     pull(min(n_batches, 2000))  # warm-up
     times = []
     for _ in range(repeats):
@@ -108,8 +113,44 @@ def main(argv=None) -> dict:
         lo, hi = min(args.sizes), max(args.sizes)
         for path in ("next", "iter"):
             r = results[(hi, "SequencedReplacementSampler", path)] / results[(lo, "SequencedReplacementSampler", path)]
-            print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {r:.2f}")
+            print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {r:.2f} (separate windows)")
+        for path in ("next", "iter"):
+            med, ratios = _srs_scaling(lo, hi, args.batch, path, pairs=max(7, 2 * args.repeats))
+            results[("srs_scaling", path)] = med
+            print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {med:.2f} (median of {len(ratios)} "
+                  f"interleaved pairs, range {min(ratios):.2f}-{max(ratios):.2f})")
     return results
+
+
+def _srs_scaling(lo: int, hi: int, batch: int, path: str, pairs: int, chunk: int = 20000):
+    """Median over ``pairs`` of (time at N=hi) / (time at N=lo), the two chunks timed back to back.
+
+    Timing the two sizes alternately cancels slow drifts of the machine's load, which separate
+    windows minutes apart do not.
+    """
+    def stepper(n):
+        sampler = SequencedReplacementSampler(n, batch, seed=0)
+        if path == "next":
+            nb = sampler.next_batch
+
+            def pull_next(k):
+                for _ in range(k):
+                    nb()
+            return pull_next
+        return _puller(lambda: iter(sampler))
+
+    run_lo, run_hi = stepper(lo), stepper(hi)
+    run_lo(chunk)
+    run_hi(chunk)
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        run_lo(chunk)
+        t1 = time.perf_counter()
+        run_hi(chunk)
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(ratios), ratios
 
 
 if __name__ == "__main__":

@@ -190,3 +190,21 @@ def test_accessible_configurations_cifar():
 def test_accessible_configurations_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         accessible_configurations(*args)
+
+
+def test_copies_and_pickles_continue_the_same_stream():
+    """A deep copy or a pickle round trip is an independent sampler in the same state."""
+    import copy
+    import pickle
+
+    s = SequencedReplacementSampler(1000, 16, seed=3)
+    for _ in range(7):
+        s.next_batch()
+    clones = [copy.deepcopy(s), pickle.loads(pickle.dumps(s))]
+    expected = [s.next_batch().indices.tolist() for _ in range(20)]
+    state = s.state_dict()
+    for c in clones:
+        got = [c.next_batch().indices.tolist() for _ in range(20)]
+        assert got == expected
+        # the saved state follows the clone's own pool, not the original's
+        assert torch.equal(c.state_dict()["pool"], state["pool"])

@@ -28,6 +28,9 @@ def accessible_configurations(num_samples: int, batch_size: int, epochs: float, 
       examples and puts them back only after the batch is complete, hence C(N, B) per step rather than
       C(N+B-1, B).  (The paper compares the two products factor by factor, eqs. 4-6, and concludes
       N_with >> N_without.)  SRS has the same count as batched replacement (section 2).
+      The extracted text of eq. 3 also reads as n_E * n_B * C(N, B); that reading is not used: it
+      would make N_with far smaller than N_without (10^388 against 10^129,039 for one epoch at
+      N = 50,000, B = 128), the opposite of the paper's conclusion drawn from eqs. 4-6.
 
     Computed with log-gamma, so N = 50,000 (CIFAR) works; returns a float (log10 of the count).
     """

@@ -78,8 +78,7 @@ class SequencedReplacementSampler(_BlindSampler):
             sequence = torch.arange(num_samples)
         # The sequence followed by its first G entries: every refill window is one contiguous slice.
         self._seq_ext = torch.cat([sequence, sequence[: self.global_batch]]).numpy()
-        self._pool_t = sequence.clone()  # the pool initially holds every example once
-        self._pool = self._pool_t.numpy()  # shares memory with _pool_t
+        self._pool = sequence.numpy().copy()  # the pool initially holds every example once
         self._cursor = 0
         self._steps = 0
         self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
@@ -133,7 +132,7 @@ class SequencedReplacementSampler(_BlindSampler):
     @property
     def pool(self) -> torch.Tensor:
         """A copy of the pool: ``pool[s]`` is the example currently in slot ``s``."""
-        return self._pool_t.clone()
+        return torch.from_numpy(self._pool.copy())
 
     @property
     def sequence(self) -> torch.Tensor:
@@ -155,7 +154,7 @@ class SequencedReplacementSampler(_BlindSampler):
     def state_dict(self) -> dict:
         return {"kind": "srs", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "order": self.order, "steps": int(self._steps),
-                "cursor": int(self._cursor), "pool": self._pool_t.clone(),
+                "cursor": int(self._cursor), "pool": torch.from_numpy(self._pool.copy()),
                 "draws": self._draws.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -164,7 +163,7 @@ class SequencedReplacementSampler(_BlindSampler):
         pool = state["pool"]
         if not isinstance(pool, torch.Tensor) or pool.shape != (self.num_samples,):
             raise ValueError(f"state['pool'] must be a tensor of shape ({self.num_samples},)")
-        self._pool_t.copy_(pool.to(torch.int64))
+        self._pool[:] = pool.to(torch.int64).numpy()
         self._draws.load_state_dict(state["draws"])
         self._steps = int(state["steps"])
         self._cursor = int(state["cursor"])
