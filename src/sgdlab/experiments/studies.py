@@ -159,7 +159,7 @@ STUDY_SHAKE = Study(
     "Gastaldi, Shake-Shake regularization (2017), Table 1 on a 1-D Shake-ResNet",
     _shake_base,
     lambda q: [Point({"model.shake": EEB}, "E-E-B"), Point({"model.shake": SSI}, "S-S-I")],
-    (4, 8),
+    (4, 16),
     lambda q: [Claim("Shake-Shake-Image lowers the test error vs Even-Even-Batch", "test_error", "S-S-I",
                      "E-E-B", -1)],
     figures=(("test_error", "epoch"), ("train_loss", "epoch")), baseline="E-E-B", extra=_shake_extra)
