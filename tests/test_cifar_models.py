@@ -356,3 +356,23 @@ def test_he_init_helper_on_plain_module():
     he_init(conv)
     assert (conv.bias == 0).all()
     _check_normal_std(conv.weight.detach(), math.sqrt(2 / (9 * 64)))
+
+
+def _small_input(name: str) -> torch.Tensor:
+    """A batch of 2 in the registered input shape; CIFAR images shrunk to 8x8 and the pixel LSTM's
+    sequence to 16 steps (those networks pool globally or read their last state, so any size works)."""
+    shape = models.input_shape(name)
+    if shape == (3, 32, 32):
+        shape = (3, 8, 8)
+    elif name == "lstm_pixel":
+        shape = (16,)
+    return torch.randn(2, *shape)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_registered_model_forward_backward(name):
+    """Each name in the registry, including ones registered after this file was written."""
+    torch.manual_seed(0)
+    classes = models.default_num_classes(name)
+    model = models.create(name, num_classes=classes)
+    _forward_backward(model, _small_input(name), classes)

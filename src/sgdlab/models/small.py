@@ -70,14 +70,17 @@ class CNN2d(nn.Module):
 
 @register("mlp", input_shape=(40,))
 def mlp(num_classes: int = 10, in_features: int = 40, hidden=(100, 100)) -> MLP:
+    """The MNIST-1D MLP baseline (Greydanus & Kobak): ``hidden`` ReLU layers, 100-100 by default."""
     return MLP(in_features, num_classes, tuple(hidden))
 
 
 @register("cnn1d", input_shape=(40,))
 def cnn1d(num_classes: int = 10, length: int = 40, channels: int = 25) -> CNN1d:
+    """The MNIST-1D CNN baseline (Greydanus & Kobak): three strided 1-D convolutions of 25 channels."""
     return CNN1d(length, num_classes, channels)
 
 
 @register("cnn2d", input_shape=(1, 28, 28))
 def cnn2d(num_classes: int = 10, in_channels: int = 1, channels: int = 32, size: int = 28) -> CNN2d:
+    """A small 2-D CNN for ``size`` x ``size`` digits (mnist5k): two conv-ReLU-max-pool stages, linear head."""
     return CNN2d(in_channels, num_classes, channels, size)
