@@ -307,11 +307,14 @@ class EpochSampler(_BlindSampler):
         return self._epoch + self._step / self._len
 
     def state_dict(self) -> dict:
+        """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
         return {"kind": "epoch", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "drop_last": self.drop_last, "epoch": int(self._epoch),
                 "step": int(self._step)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
+        from a sampler of another kind, size, batch or seed."""
         _check_state(state, "epoch", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                       "seed": self.seed, "drop_last": self.drop_last})
         self._epoch = int(state["epoch"])
@@ -373,10 +376,13 @@ class ReplacementSampler(_BlindSampler):
         return self._steps
 
     def state_dict(self) -> dict:
+        """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
         return {"kind": "replacement", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "steps": int(self._steps), "draws": self._draws.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
+        from a sampler of another kind, size, batch or seed."""
         _check_state(state, "replacement", {"num_samples": self.num_samples,
                                             "global_batch": self.global_batch, "seed": self.seed})
         self._draws.load_state_dict(state["draws"])

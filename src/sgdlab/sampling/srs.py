@@ -152,12 +152,15 @@ class SequencedReplacementSampler(_BlindSampler):
     # -- resume -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
         return {"kind": "srs", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "order": self.order, "steps": int(self._steps),
                 "cursor": int(self._cursor), "pool": torch.from_numpy(self._pool.copy()),
                 "draws": self._draws.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
+        from a sampler of another kind, size, batch or seed."""
         _check_state(state, "srs", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                     "seed": self.seed, "order": self.order})
         pool = state["pool"]
