@@ -37,10 +37,12 @@ __all__ = ["BNAddUnit", "PreActUnit", "WideResNet", "wrn_blocks_per_group"]
 UNITS = ("preact", "bnadd")
 
 
-def _projection(in_channels: int, out_channels: int, stride: int, kernel: int) -> nn.Conv2d:
-    if kernel == 1:
-        return conv1x1(in_channels, out_channels, stride)
-    return conv3x3(in_channels, out_channels, stride)
+def _shortcut(in_channels: int, out_channels: int, stride: int, kernel: int) -> nn.Conv2d | None:
+    """The projection shortcut (a ``kernel`` x ``kernel`` convolution) where the shape changes, else None."""
+    if in_channels == out_channels and stride == 1:
+        return None
+    conv = conv1x1 if kernel == 1 else conv3x3
+    return conv(in_channels, out_channels, stride)
 
 
 def wrn_blocks_per_group(depth: int) -> int:
@@ -62,10 +64,7 @@ class PreActUnit(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.shortcut = (
-            _projection(in_channels, out_channels, stride, projection)
-            if (in_channels != out_channels or stride != 1) else None
-        )
+        self.shortcut = _shortcut(in_channels, out_channels, stride, projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
@@ -87,10 +86,7 @@ class BNAddUnit(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.bn_add = nn.BatchNorm2d(out_channels)
-        self.shortcut = (
-            _projection(in_channels, out_channels, stride, projection)
-            if (in_channels != out_channels or stride != 1) else None
-        )
+        self.shortcut = _shortcut(in_channels, out_channels, stride, projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -132,7 +128,8 @@ class WideResNet(nn.Module):
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         if projection not in (1, 3):
-            raise ValueError(f"projection must be 1 or 3 (kernel size of the projection shortcuts), got {projection!r}")
+            raise ValueError(f"projection must be 1 or 3 (kernel size of the projection shortcuts), "
+                             f"got {projection!r}")
         self.depth, self.width, self.unit, self.projection = depth, width, unit, projection
         block = PreActUnit if unit == "preact" else BNAddUnit
         widths = [16, 16 * width, 32 * width, 64 * width]

@@ -155,7 +155,7 @@ class SequencedReplacementSampler(_BlindSampler):
         """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
         return {"kind": "srs", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "order": self.order, "steps": int(self._steps),
-                "cursor": int(self._cursor), "pool": torch.from_numpy(self._pool.copy()),
+                "cursor": int(self._cursor), "pool": self.pool,
                 "draws": self._draws.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
