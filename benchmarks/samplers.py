@@ -13,6 +13,14 @@ For each dataset size N the script measures, in the same run, the steady-state t
 Each measurement runs after a warm-up over a window of whole epochs (at least 20,000 batches, so the
 baseline's per-epoch ``randperm(N).tolist()`` and the epoch sampler's permutation are amortised as in
 training) and reports the median over repeats.  The ratio column is time / baseline time at the same N.
+
+SRS at the largest N against SRS at the smallest is then timed in alternating chunks (the median
+ratio of the pairs cancels slow drifts of the machine), next to a *memory probe*: the same 128 random
+reads and writes that an SRS step does to its pool, with nothing else, on arrays of the two pool sizes
+and on a ladder of sizes in between.  SRS does the same O(B) work at every N; the probe shows how much
+of its extra time at large N the machine charges for random access into a large array (cache and TLB
+misses), which no exact SRS implementation can avoid: each step must read B uniformly random slots of
+an N-slot pool.
 """
 
 from __future__ import annotations
@@ -114,11 +122,19 @@ def main(argv=None) -> dict:
         for path in ("next", "iter"):
             r = results[(hi, "SequencedReplacementSampler", path)] / results[(lo, "SequencedReplacementSampler", path)]
             print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {r:.2f} (separate windows)")
+        pairs = max(7, 2 * args.repeats)
         for path in ("next", "iter"):
-            med, ratios = _srs_scaling(lo, hi, args.batch, path, pairs=max(7, 2 * args.repeats))
+            med, ratios, extra = _srs_scaling(lo, hi, args.batch, path, pairs=pairs)
             results[("srs_scaling", path)] = med
+            results[("srs_extra_us", path)] = extra * 1e6
             print(f"SRS {path}: time per batch at N={hi} / at N={lo} = {med:.2f} (median of {len(ratios)} "
-                  f"interleaved pairs, range {min(ratios):.2f}-{max(ratios):.2f})")
+                  f"interleaved pairs, range {min(ratios):.2f}-{max(ratios):.2f}); extra {extra * 1e6:.2f} us/batch")
+        probe = _memory_probe(lo, hi, args.batch, pairs=pairs)
+        results[("probe_extra_us",)] = probe["extra"] * 1e6
+        print(f"memory probe: {args.batch} random reads + writes of an int64 array of N={hi} vs N={lo}: "
+              f"extra {probe['extra'] * 1e6:.2f} us/batch (median of {pairs} interleaved pairs)")
+        print("memory probe ladder (us/batch by array size): " + ", ".join(
+            f"{mb:g} MB {t * 1e6:.2f}" for mb, t in probe["ladder"]))
     return results
 
 
@@ -139,10 +155,17 @@ def _srs_scaling(lo: int, hi: int, batch: int, path: str, pairs: int, chunk: int
             return pull_next
         return _puller(lambda: iter(sampler))
 
-    run_lo, run_hi = stepper(lo), stepper(hi)
+    return _interleaved(stepper(lo), stepper(hi), pairs, chunk)
+
+
+def _interleaved(run_lo, run_hi, pairs: int, chunk: int):
+    """Time ``run_lo(chunk)`` and ``run_hi(chunk)`` back to back ``pairs`` times after a warm-up.
+
+    Returns the median ratio hi / lo, the list of ratios and the median extra seconds per step.
+    """
     run_lo(chunk)
     run_hi(chunk)
-    ratios = []
+    ratios, extras = [], []
     for _ in range(pairs):
         t0 = time.perf_counter()
         run_lo(chunk)
@@ -150,7 +173,45 @@ def _srs_scaling(lo: int, hi: int, batch: int, path: str, pairs: int, chunk: int
         run_hi(chunk)
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ratios), ratios
+        extras.append(((t2 - t1) - (t1 - t0)) / chunk)
+    return statistics.median(ratios), ratios, statistics.median(extras)
+
+
+def _memory_probe(lo: int, hi: int, batch: int, pairs: int, chunk: int = 20000) -> dict:
+    """The random-access cost of one SRS step with the sampler's logic removed.
+
+    Each probe step reads ``batch`` random entries of an int64 array (like ``pool[slots]``) and writes
+    them back (like the refill), with precomputed slot rows.  ``extra`` is the median extra time per
+    step at ``hi`` entries over ``lo`` entries (interleaved pairs); ``ladder`` is the time per step for
+    array sizes from 0.5 MB up to the pool size at ``hi``, to locate where the cost steps up.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def stepper(n):
+        pool = torch.randperm(n, generator=gen).numpy()
+        rows = torch.randint(n, (4096, batch), generator=gen).numpy()
+
+        def run(k):
+            for i in range(k):
+                s = rows[i & 4095]
+                pool[s] = pool[s]
+        return run
+
+    _, _, extra = _interleaved(stepper(lo), stepper(hi), pairs, chunk)
+    ladder = []
+    mb = 0.5
+    while mb * 2**20 / 8 < hi:
+        ladder.append((mb, int(mb * 2**20 / 8)))
+        mb *= 2
+    ladder.append((round(hi * 8 / 2**20), hi))
+    timed = []
+    for mb, n in ladder:
+        run = stepper(n)
+        run(chunk)
+        t0 = time.perf_counter()
+        run(chunk)
+        timed.append((mb, (time.perf_counter() - t0) / chunk))
+    return {"extra": extra, "ladder": timed}
 
 
 if __name__ == "__main__":
