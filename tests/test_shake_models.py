@@ -61,13 +61,25 @@ def test_shift_concat_shortcut_matches_definition():
     x = torch.randn(2, 4, 6, 6)
     r = x.relu()
     shifted = torch.zeros_like(r)
-    shifted[:, :, :-1, :-1] = r[:, :, 1:, 1:]  # the map moved by one pixel (right/down sampling)
+    shifted[:, :, 1:, 1:] = r[:, :, :-1, :-1]  # content moved one pixel right and down, zeros top/left
+    assert shifted[:, :, 0, :].abs().sum() == 0 and shifted[:, :, :, 0].abs().sum() == 0
     p1 = nn.functional.conv2d(r[:, :, ::2, ::2], sc.conv1.weight)
     p2 = nn.functional.conv2d(shifted[:, :, ::2, ::2], sc.conv2.weight)
     expected = sc.bn(torch.cat([p1, p2], 1))
     torch.testing.assert_close(sc(x), expected)
     # block in eval: shortcut + average of the branches, no ReLU after the sum
     torch.testing.assert_close(blk(x), expected + 0.5 * (blk.branch1(x) + blk.branch2(x)))
+
+
+def test_shift_concat_shortcut_1d_moves_the_signal_right():
+    torch.manual_seed(0)
+    sc = ShakeBlock(3, 6, 2, dims=1).eval().shortcut
+    x = torch.randn(2, 3, 9)
+    r = x.relu()
+    shifted = torch.cat([torch.zeros(2, 3, 1), r[:, :, :-1]], dim=2)  # one step right, zero enters left
+    p1 = nn.functional.conv1d(r[:, :, ::2], sc.conv1.weight)
+    p2 = nn.functional.conv1d(shifted[:, :, ::2], sc.conv2.weight)
+    torch.testing.assert_close(sc(x), sc.bn(torch.cat([p1, p2], 1)))
 
 
 @pytest.mark.parametrize("name", SHAKE_MODELS)

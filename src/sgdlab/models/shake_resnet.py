@@ -5,7 +5,8 @@ Shake-ResNet-26 2xKd as in the author's code: stem Conv3x3(3->16, no bias) + BN 
 conv of each branch); each of the two branches is ReLU-Conv3x3-BN-ReLU-Conv3x3-BN and they are
 blended by :class:`sgdlab.regularize.Shake`; no ReLU after the sum. When the channel count changes
 (also in the first block of stage 1) the shortcut is ReLU, then two paths AvgPool(1, stride) ->
-Conv1x1(to half the width), the second on the map shifted by one pixel, concatenated, then BN.
+Conv1x1(to half the width), the second on the map shifted one pixel right and down (zeros entering
+at the top and left), concatenated, then BN.
 Head: ReLU, global average pool, Linear. He (fan-out) init, no conv biases, BN weight 1, Linear
 bias 0. Parameter counts: 2x32d 2.92M (paper 2.9M), 2x96d 26.19M (paper 26.2M).
 
@@ -71,11 +72,13 @@ class _ShiftConcatShortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(x)
         s = self.stride
+        # The second path sees the map moved one pixel right and down, a zero row and column entering
+        # at the top and left (the paper's section 2; the author's code pads (1, -1, 1, -1)).
         if self.dims == 2:
-            shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+            shifted = F.pad(x[:, :, :-1, :-1], (1, 0, 1, 0))
             p1, p2 = x[:, :, ::s, ::s], shifted[:, :, ::s, ::s]
         else:
-            shifted = F.pad(x[:, :, 1:], (0, 1))
+            shifted = F.pad(x[:, :, :-1], (1, 0))
             p1, p2 = x[:, :, ::s], shifted[:, :, ::s]
         # AvgPool with kernel 1 and stride s is plain subsampling
         return self.bn(torch.cat([self.conv1(p1), self.conv2(p2)], dim=1))
