@@ -67,6 +67,24 @@ def test_obs_sampling_frequencies_chi_square():
     assert counts[1] > counts[0]
 
 
+def test_obs_probabilities_follow_the_decay_without_feedback():
+    """With no ``observe`` between batches the probabilities must still track the decaying s_e."""
+    n, b = 100, 10
+    obs = OnlineBatchSelection(n, b, s_e=100.0, s_e_end=1.0, decay_epochs=1.0, seed=3)
+    obs.observe(torch.arange(n), losses=torch.arange(n, dtype=torch.float64))  # distinct ranks
+    p = obs.probabilities()
+    assert float(p.max() / p.min()) == pytest.approx(100.0)
+    for _ in range(20):  # two epochs: s_e has decayed to 1
+        obs.next_batch()
+    p = obs.probabilities()
+    assert obs.s_e == pytest.approx(1.0)
+    assert float(p.max() / p.min()) == pytest.approx(1.0)
+    # a reloaded copy draws exactly what the original draws next
+    twin = OnlineBatchSelection(n, b, s_e=100.0, s_e_end=1.0, decay_epochs=1.0, seed=3)
+    twin.load_state_dict(obs.state_dict())
+    assert torch.equal(twin.next_batch().indices, obs.next_batch().indices)
+
+
 def test_obs_decay_and_recompute():
     n, b = 100, 10
     obs = OnlineBatchSelection(n, b, s_e=1e4, s_e_end=1.0, decay_epochs=2.0)

@@ -130,6 +130,7 @@ class OnlineBatchSelection:
         self.steps = 0
         self.last_recompute: float | None = None
         self._probs: torch.Tensor | None = None
+        self._probs_s_e: float | None = None
 
     def __len__(self) -> int:
         return max(1, self.num_samples // self.global_batch)
@@ -149,18 +150,19 @@ class OnlineBatchSelection:
 
     def probabilities(self) -> torch.Tensor:
         """Current selection probability of every example (float64, sums to 1)."""
-        if self._probs is not None:
+        s_e = self.s_e
+        if self._probs is not None and self._probs_s_e == s_e:  # the cache holds only while s_e is unchanged
             return self._probs
         n = self.num_samples
         order = torch.sort(self.losses, descending=True, stable=True)
-        p_rank = rank_probabilities(n, self.s_e)
+        p_rank = rank_probabilities(n, s_e)
         # ties share the mean probability of the ranks they occupy
         _, counts = torch.unique_consecutive(order.values, return_counts=True)
         group = torch.repeat_interleave(torch.arange(counts.numel()), counts)
         mean = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, group, p_rank) / counts
         p = torch.empty(n, dtype=torch.float64)
         p[order.indices] = mean[group]
-        self._probs = p
+        self._probs, self._probs_s_e = p, s_e
         return p
 
     def _recompute(self) -> None:
