@@ -33,3 +33,22 @@ def test_analyze_interpolation_between_two_runs(runs, capsys):
     assert main(["analyze", "interpolate", str(runs / "small"), str(runs / "large")]) == 0
     written = capsys.readouterr().out.split()
     assert any(p.endswith(".png") for p in written) and any(p.endswith(".json") for p in written)
+
+
+def test_noise_scale_uses_the_global_batch_of_a_data_parallel_run(runs, tmp_path):
+    """``g = lr / (1 - m) (N / B - 1)`` with B the batch each step averages over: world_size x per-rank batch."""
+    import shutil
+
+    from sgdlab.experiments.analyze import main as analyze
+
+    ddp = tmp_path / "ddp"
+    shutil.copytree(runs / "small", ddp, ignore=shutil.ignore_patterns("analysis"))
+    summary = json.loads((ddp / "summary.json").read_text())
+    (ddp / "summary.json").write_text(json.dumps({**summary, "world_size": 2}))
+    one = analyze("noise", runs / "small", max_examples=200, num_pairs=2)["results"]["sgd_noise_scale"]
+    two = analyze("noise", ddp, max_examples=200, num_pairs=2)["results"]["sgd_noise_scale"]
+    assert (one["world_size"], one["batch_size"]) == (1, 100)
+    assert (two["world_size"], two["batch_size"], two["batch_size_per_rank"]) == (2, 200, 100)
+    n = one["num_samples"]
+    assert one["g"] == pytest.approx(0.1 / (1 - 0.9) * (n / 100 - 1))
+    assert two["g"] == pytest.approx(0.1 / (1 - 0.9) * (n / 200 - 1))

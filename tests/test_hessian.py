@@ -76,6 +76,15 @@ def test_negative_eigenvalue_power_vs_lanczos():
     assert lanczos[0].item() == pytest.approx(1.0, rel=1e-9)
 
 
+def test_power_iteration_does_not_claim_convergence_between_opposite_eigenvalues():
+    # +3 and -3 have the same magnitude: power iteration oscillates and never finds an eigenvector,
+    # although its Rayleigh quotient can stall.
+    model = Quadratic(torch.diag(torch.tensor([3.0, -3.0, 1.0, 0.5], dtype=torch.float64)))
+    res = hessian_eigen(model, mean_output, quad_data(), k=1, method="power", max_iter=300)
+    assert not bool(res.converged[0])
+    assert res.residuals[0].item() > 1e-2 * abs(res.values[0].item())
+
+
 def test_trace_of_quadratic_exact_for_diagonal_and_within_stderr():
     diag = torch.diag(torch.tensor(EIGS, dtype=torch.float64))
     # Rademacher z: z^T D z = tr(D) exactly for a diagonal matrix, so the standard error is zero

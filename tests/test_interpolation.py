@@ -28,6 +28,16 @@ def test_quadratic_along_both_paths():
     assert torch.equal(a.w.detach(), wa) and torch.equal(b.w.detach(), wb)
 
 
+def test_one_shot_iterable_of_batches():
+    H = sym_with_eigs([3.0, 1.0, 0.2])
+    a = Quadratic(H, torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64))
+    b = Quadratic(H, torch.tensor([0.5, 2.0, 0.3], dtype=torch.float64))
+    x, y = quad_data(6)
+    as_list = interpolate(a, b, mean_output, [(x[:2], y[:2]), (x[2:], y[2:])], alphas=[0.0, 0.5, 1.0])
+    gen = ((x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4))  # a generator can be read only once
+    assert interpolate(a, b, mean_output, gen, alphas=[0.0, 0.5, 1.0]) == as_list
+
+
 def test_batchnorm_buffers_interpolated():
     a, b = nn.BatchNorm1d(1), nn.BatchNorm1d(1)
     a.running_mean.fill_(0.0), a.running_var.fill_(1.0)

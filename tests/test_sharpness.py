@@ -90,11 +90,39 @@ def test_model_sharpness_network_float32_model_batchings_and_seed():
     assert model_sharpness(model, F.cross_entropy, (x, y), eps=5e-3, seed=1) > a
 
 
+class _MixedDtypes(nn.Module):
+    """float32 trainable layer, a frozen float64 layer and a float64 buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 2).double().requires_grad_(False)
+        self.register_buffer("shift", torch.tensor([1.0 + 1e-12, 0.0, 0.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return self.b(self.a(x).to(self.b.weight.dtype) + self.shift)
+
+
+def test_model_sharpness_leaves_mixed_dtypes_and_values_untouched():
+    torch.manual_seed(0)
+    model = _MixedDtypes()
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    phi = model_sharpness(model, F.cross_entropy, (x, y), eps=1e-3, seed=0)
+    assert phi > 0
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert model.b.weight.dtype == torch.float64 and model.shift[0].item() == 1.0 + 1e-12
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="eps"):
         keskar_sharpness(sharp_1d, [0.0], eps=0.0)
     with pytest.raises(ValueError, match="eps"):
         keskar_sharpness(sharp_1d, [0.0], eps=-1e-3)
+    with pytest.raises(ValueError, match="eps"):
+        keskar_sharpness(sharp_1d, [0.0], eps=float("inf"))
     with pytest.raises(ValueError, match="A must"):
         keskar_sharpness(sharp_1d, [0.0, 1.0], A=torch.ones(3, 2))
     model, data = trained_mlp(steps=1)
@@ -102,6 +130,8 @@ def test_bad_inputs():
         model_sharpness(model, F.cross_entropy, data, A=torch.ones(5, 2))
     with pytest.raises(ValueError, match="eps"):
         model_sharpness(model, F.cross_entropy, data, eps=0)
+    with pytest.raises(ValueError, match="eps"):
+        model_sharpness(model, F.cross_entropy, data, eps=float("nan"))
     with pytest.raises(ValueError, match="empty"):
         model_sharpness(model, F.cross_entropy, [])
     with pytest.raises(ValueError, match="no trainable parameters"):

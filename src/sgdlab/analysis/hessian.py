@@ -319,7 +319,8 @@ def hessian_eigen(
     (default ``tol=1e-5``, ``max_iter=100`` steps). ``method="power"``: power iteration with deflation
     (orthogonalisation against the eigenvectors already found), each eigenvalue the largest in
     *magnitude* of the remaining spectrum (it may be negative); stops when the Rayleigh quotient changes
-    by at most ``tol * |lambda|`` (default ``tol=1e-4``, ``max_iter=200`` per eigenvalue).
+    by at most ``tol * |lambda|`` and the residual ``||Hv - lambda v||`` is at most ``sqrt(tol) * |lambda|``
+    (default ``tol=1e-4``, ``max_iter=200`` per eigenvalue); otherwise ``converged`` is False.
     """
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -369,7 +370,10 @@ def hessian_eigen(
                     if nrm == 0.0:
                         ok = True
                         break
-                    if lam_prev is not None and abs(lam - lam_prev) <= tol * abs(lam):
+                    # Converged: the Rayleigh quotient has settled *and* v is nearly an eigenvector
+                    # (the quotient's error is about the squared residual, hence sqrt(tol) for it).
+                    if (lam_prev is not None and abs(lam - lam_prev) <= tol * abs(lam)
+                            and res <= math.sqrt(tol) * abs(lam)):
                         ok = True
                         break
                     lam_prev = lam

@@ -79,7 +79,7 @@ def interpolate(
         raise ValueError("model_a and model_b must have the same architecture (state_dict keys and shapes)")
     if not any(True for _ in model_a.parameters()):
         raise ValueError("model_a has no parameters")
-    as_batches(data)  # validate early
+    data = as_batches(data)  # validate early; a one-shot iterable is read once and reused for every alpha
     work = copy.deepcopy(model_a)
     work.train(model_a.training)
     results = []

@@ -12,6 +12,7 @@ scaled so that its gradient at the start has unit max-norm, so that very flat fu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,8 @@ def keskar_sharpness(
     with ``seed``. Returns phi in percent (``return_info=True`` also returns a dict with ``f0``, ``fmax``,
     the maximiser ``y``, the box radius and scipy's status).
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     x64 = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(-1)
@@ -168,11 +169,11 @@ def model_sharpness(
     (batches weighted by size) in eval mode. ``subspace_dim=None`` (default) maximises over the full
     space (``A = I``, Keskar et al.'s main setting); ``subspace_dim=p`` uses a random ``n x p`` Gaussian
     ``A`` drawn with ``seed`` (Keskar et al. use ``p = 100``); or pass ``A`` directly. The loss is evaluated
-    on a copy of the model in ``dtype`` (float64 by default; ``None`` keeps the model's dtype). The model
-    itself is not modified.
+    with every parameter and buffer in ``dtype`` (float64 by default; ``None`` keeps the parameters' dtype),
+    supplied through ``torch.func.functional_call``: the model itself is not modified or cast.
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
     named = trainable_parameters(model)
     device = model_device(model)
     batches = as_batches(data, device=device)
@@ -192,7 +193,11 @@ def model_sharpness(
             raise ValueError(f"A must have one row per trainable parameter ({n}), got shape {tuple(A.shape)}")
     work_dtype = dtype or base.dtype
     shapes = [p.shape for _, p in named]
+    # Every floating tensor the forward pass reads is supplied in the working dtype (buffers and frozen
+    # parameters as constants), so the model itself is never cast.
     buffers = {k: (b.to(work_dtype) if b.is_floating_point() else b) for k, b in model.named_buffers()}
+    buffers.update({k: p.detach().to(work_dtype) for k, p in model.named_parameters()
+                    if k not in set(names) and p.is_floating_point()})
     batches_w = [(x.to(work_dtype) if x.is_floating_point() else x, y) for x, y in batches]
 
     def f(flat: torch.Tensor) -> torch.Tensor:
@@ -208,20 +213,13 @@ def model_sharpness(
             out = out + loss * (x.shape[0] / total)
         return out.to(torch.float64).cpu()
 
-    orig_dtype = next(iter(model.parameters())).dtype
     with eval_mode(model):
-        try:
-            if work_dtype != orig_dtype:
-                model.to(work_dtype)
-            return keskar_sharpness(
-                f,
-                base.to(torch.float64).cpu(),
-                eps=eps,
-                A=A,
-                max_iter=max_iter,
-                seed=seed,
-                return_info=return_info,
-            )
-        finally:
-            if work_dtype != orig_dtype:
-                model.to(orig_dtype)
+        return keskar_sharpness(
+            f,
+            base.to(torch.float64).cpu(),
+            eps=eps,
+            A=A,
+            max_iter=max_iter,
+            seed=seed,
+            return_info=return_info,
+        )

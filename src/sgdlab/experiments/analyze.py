@@ -74,6 +74,21 @@ def _write(out_dir: Path, name: str, payload: dict, written: list[str]) -> None:
     written.append(str(path))
 
 
+def _world_size(run_dir: Path) -> int:
+    """Processes the run trained with (``summary.json``, else the checkpoint; 1 if neither says)."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            return int(json.loads(summary.read_text()).get("world_size", 1))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        return int(state.get("world_size", 1))
+    return 1
+
+
 def main(
     kind: str,
     run_dirs: str | Path | Sequence[str | Path],
@@ -174,11 +189,15 @@ def main(
         n = int(ds.train_x.shape[0])
         lr = float(_get(cfg, "optim", "lr", default=0.1))
         momentum = float(_get(cfg, "optim", "momentum", default=0.0))
-        b = int(_get(cfg, "sampler", "batch_size", default=128))
+        per_rank = int(_get(cfg, "sampler", "batch_size", default=128))
+        world = _world_size(dirs[0])
+        b = per_rank * world  # each SGD step averages the gradient over the global batch
         results["sgd_noise_scale"] = {
             "lr": lr,
             "momentum": momentum,
             "batch_size": b,
+            "batch_size_per_rank": per_rank,
+            "world_size": world,
             "num_samples": n,
             "g": analysis.sgd_noise_scale(lr, n, min(b, n), momentum),
         }
