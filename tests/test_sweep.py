@@ -136,3 +136,24 @@ def test_ray_backend_without_ray_says_how_to_install(monkeypatch, tmp_path):
     cfg = dict(TINY, duration="10 steps", eval={"every": 0}, checkpoint={"every": 0})
     with pytest.raises(ConfigError, match=r"pip install 'sgdlab\[ray\]'"):
         sw.run_sweep(cfg, None, 1, tmp_path / "r", backend="ray", progress=False)
+
+
+def test_in_process_trials_run_on_one_thread_like_the_workers(tmp_path):
+    """--jobs 1 must give the numbers of --jobs 2 (one thread per worker), and leave the caller's threads."""
+    import torch
+
+    # a conv net with batch 128: big enough that torch splits its kernels over two threads
+    cfg = dict(TINY, duration="40 steps", model={"name": "cnn1d"}, sampler={"name": "epoch", "batch_size": 128})
+    before = torch.get_num_threads()  # the test session runs on one thread (conftest)
+    torch.set_num_threads(2)
+    try:
+        sw.run_sweep(cfg, None, [0], tmp_path / "s", jobs=1, progress=False)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        train.run(dict(cfg, seed=0), tmp_path / "one", quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    trial = next(p for p in (tmp_path / "s").iterdir() if (p / "metrics.jsonl").is_file())
+    a = torch.load(trial / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -216,12 +217,13 @@ def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dic
     from .. import train
     from ..errors import NonFiniteLossError
 
-    if threads:
-        torch.set_num_threads(int(threads))
     d = Path(run_dir)
     state = trial_state(d)
     if state in ("completed", "nonfinite"):
         return {"action": "skipped", "status": state}
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     try:
         if state == "interrupted":
             train.resume(d, quiet=True)
@@ -233,6 +235,8 @@ def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dic
     except Exception as e:  # noqa: BLE001 - reported in the manifest, the sweep goes on
         return {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=5)}
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 _POOL: dict = {"jobs": None, "executor": None}
@@ -265,6 +269,24 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel send this worker SIGTERM when the sweep process dies (even by SIGKILL),
+    so no orphan keeps writing into trial folders that a rerun of the sweep resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the sweep died before the request took effect
+        os._exit(1)
 
 
 def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> None:
@@ -298,9 +320,10 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
               extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None) -> dict:
     """Run every trial of ``config`` x ``points`` x ``seeds`` into ``out_dir``; return ``sweep.json``'s content.
 
-    ``jobs`` worker processes (spawned; ``torch.set_num_threads(1)`` in each when ``jobs > 1``) or, with
+    ``jobs`` worker processes (spawned when ``jobs > 1``, in this process when ``jobs == 1``) or, with
     ``backend="ray"``, one Ray task per trial on the cluster at ``address`` (a local instance if
-    ``None``). Finished trials are skipped and interrupted ones resumed (see module doc). The returned
+    ``None``). Every trial runs with ``torch.set_num_threads(1)``, so its numbers do not depend on
+    ``jobs`` or the backend. Finished trials are skipped and interrupted ones resumed (see module doc). The returned
     dict adds ``counts`` (trials per action: ran, resumed, skipped, failed).
     """
     if jobs < 1:
@@ -345,8 +368,10 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
 
             run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done)
         elif jobs == 1:
+            # one thread per trial on every backend: CPU kernels split work by thread count, so this
+            # keeps a trial's numbers independent of --jobs (and a sweep resumed with other --jobs exact)
             for t in todo:
-                done(t, execute_trial(t.config, str(out / t.name)))
+                done(t, execute_trial(t.config, str(out / t.name), 1))
         else:
             ex = _pool(jobs)
             pending = {ex.submit(execute_trial, t.config, str(out / t.name), 1): t for t in todo}
