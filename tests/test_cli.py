@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from sgdlab import data
@@ -34,6 +35,15 @@ def _run(argv, capsys):
     ({"sampler": {"name": "epoc", "batch_size": 5}}, "unknown sampler 'epoc'"),
     ({"loss": {"random_gradiant": {}}}, "unknown key 'loss.random_gradiant'"),
     ({"schedule": {"name": "cosine", "unit": "weeks"}}, "'schedule.unit'"),
+    ({"seed": True}, "'seed': Value error, expected a number, not a boolean"),
+    ({"sampler": {"name": "epoch", "batch_size": True}}, "'sampler.batch_size'"),
+    ({"optim": {"lr": 0.1, "nesterov": True}}, "nesterov needs optim.name 'sgd' and a momentum > 0"),
+    ({"optim": {"name": "adam", "lr": 0.1, "betas": [0.9, 2]}}, "betas must both lie in [0, 1)"),
+    ({"schedule": {"name": "multistep", "milestones": [20, 10]}}, "milestones must be strictly increasing"),
+    ({"schedule": {"name": "triangular"}}, "the triangular schedule needs a period"),
+    ({"loss": {"name": "mse", "label_smoothing": 0.1}}, "label_smoothing applies to cross_entropy only"),
+    ({"data": {"name": "mnist1d", "train_split": 2}}, "train_split must be a fraction strictly between 0 and 1"),
+    ({"model": {"name": "mlp", "hidden": "abc"}}, "model (mlp"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, capsys, patch, needle):
     code, out = _run(["run", _write(tmp_path, {**BASE, **patch}), "--out", str(tmp_path / "r")], capsys)
@@ -54,6 +64,21 @@ def test_missing_cifar_folder_exits_2(tmp_path, capsys, monkeypatch):
     cfg = {**BASE, "data": {"name": "cifar10", "root": str(tmp_path / "absent")}, "model": {"name": "cnn2d"}}
     code, out = _run(["run", _write(tmp_path, cfg), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "no CIFAR files found" in out.err and "SGDLAB_CIFAR10" in out.err
+
+
+def test_cifar_folder_missing_one_file_names_it(tmp_path, capsys):
+    folder = data.write_synthetic_cifar(tmp_path / "c", "cifar10", train_per_file=4, test=4)
+    (folder / "data_batch_3").unlink()
+    cfg = {**BASE, "data": {"name": "cifar10", "root": str(folder)}}
+    code, out = _run(["run", _write(tmp_path, cfg), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "lacks data_batch_3" in out.err and "Traceback" not in out.err
+
+
+def test_cuda_device_without_cuda_exits_2(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out = _run(["run", _write(tmp_path, {**BASE, "device": "cuda"}), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "CUDA is not available" in out.err
 
 
 def test_truncated_cifar_file_exits_2(tmp_path, capsys):

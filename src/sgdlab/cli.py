@@ -57,9 +57,14 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    from rich.console import Console
+
     from .experiments.analyze import main as analyze_main
 
-    result = analyze_main(args.kind, args.run_dirs)
+    where = ", ".join(str(d) for d in args.run_dirs)
+    with Console(stderr=True).status(f"sgdlab analyze {args.kind}: {where} (Hessian and sharpness "
+                                     "take about a minute on a CPU)"):
+        result = analyze_main(args.kind, args.run_dirs)
     if isinstance(result, dict) and result.get("written"):
         for p in result["written"]:
             print(p)

@@ -141,6 +141,14 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, c
     Generation reseeds numpy's and Python's global RNGs inside the package; both are saved and
     restored around it, so creating the dataset never disturbs the caller's random state.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise DataError(f"mnist1d: num_samples must be an integer >= 2, got {num_samples!r}")
+    if isinstance(train_split, bool) or not isinstance(train_split, int | float) or not 0 < train_split < 1:
+        raise DataError(f"mnist1d: train_split must be a fraction strictly between 0 and 1, got {train_split!r}")
+    n_train = int(num_samples * train_split)
+    if not 0 < n_train < num_samples:
+        raise DataError(f"mnist1d: num_samples={num_samples} x train_split={train_split} leaves an empty "
+                        "training or test set")
     key = f"mnist1d_n{num_samples}_split{train_split}_seed{seed}"
     path = cache_dir() / f"{key}.npz"
     arrays = None
@@ -232,6 +240,11 @@ def _cifar_folder(name: str, root) -> Path:
             if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
                 return folder
     where = str(candidates[0]) if candidates else "(none given)"
+    for base in candidates:  # a folder with some of the files: name the missing ones
+        for folder in (base, base / spec["folder"]):
+            missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
+            if folder.is_dir() and len(missing) < len(spec["train"]) + len(spec["test"]):
+                raise DataError(f"{name}: {folder} lacks {', '.join(missing)} (the python-version CIFAR files)")
     raise DataError(
         f"{name}: no CIFAR files found in {where}. Put the python-version files "
         f"({', '.join(spec['train'][:2])}{', ...' if len(spec['train']) > 2 else ''}, {spec['test'][0]}) in a folder "

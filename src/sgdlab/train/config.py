@@ -13,23 +13,36 @@ import copy
 import difflib
 import inspect
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 
 __all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict"]
 
 
+def _reject_bool_numbers(cls, value, info):
+    """Pydantic's lax mode reads ``true`` as 1 for a number field; a boolean there is a typo, not a number."""
+    if isinstance(value, bool):
+        annotation = cls.model_fields[info.field_name].annotation
+        allowed = {annotation, *typing.get_args(annotation)}
+        if bool not in allowed and allowed & {int, float}:
+            raise ValueError("expected a number, not a boolean")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _no_bools = field_validator("*", mode="before")(classmethod(_reject_bool_numbers))
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+    _no_bools = field_validator("*", mode="before")(classmethod(_reject_bool_numbers))
 
     def extras(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -100,6 +113,14 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs optim.name 'sgd' and a momentum > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must both lie in [0, 1), got {list(self.betas)}")
+        return self
+
 
 class ScheduleConfig(_Strict):
     name: Literal["constant", "multistep", "cosine", "poly", "triangular"] = "constant"
@@ -112,10 +133,24 @@ class ScheduleConfig(_Strict):
     warmup: float = Field(0.0, ge=0)
     warmup_from: float = Field(0.0, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {self.milestones}")
+        if self.name == "triangular" and self.period is None:
+            raise ValueError("the triangular schedule needs a period")
+        return self
+
 
 class LossConfig(_Open):
     name: Literal["cross_entropy", "mse"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _smoothing_needs_cross_entropy(self):
+        if self.label_smoothing > 0 and self.name != "cross_entropy":
+            raise ValueError(f"label_smoothing applies to cross_entropy only, not {self.name!r}")
+        return self
 
 
 class EvalConfig(_Strict):
