@@ -183,3 +183,50 @@ def test_weighted_batches_and_per_example_loss():
     assert torch.allclose(ce.mean(), torch.nn.functional.cross_entropy(logits, y))
     mse = train.per_example_loss("mse", logits, y)
     assert torch.allclose(mse, 0.5 * ((logits - torch.nn.functional.one_hot(y, 4)) ** 2).sum(1))
+
+
+def test_refuses_a_killed_run_folder_without_checkpoint(tmp_path):
+    """A run killed before its first checkpoint leaves only metrics: a fresh ``run`` there would append."""
+    d = tmp_path / "k"
+    train.run(dict(TINY, duration="20 steps", checkpoint={"every": 0}), d, quiet=True)
+    (d / "summary.json").unlink()
+    (d / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(train.ConfigError, match="resume"):
+        train.run(TINY, d, quiet=True)
+
+
+def test_resume_after_the_last_checkpoint_but_before_the_summary(tmp_path):
+    """Killed between the final checkpoint and summary.json: resume reports the same final results."""
+    cfg = dict(TINY, duration="80 steps")
+    full = train.run(cfg, tmp_path / "a", quiet=True)
+    (tmp_path / "a" / "summary.json").unlink()
+    again = train.resume(tmp_path / "a", quiet=True)
+    assert again["status"] == "completed" and again["steps"] == 80
+    assert again["final"] == full["final"] and again["final"]["test_acc"] is not None
+    assert len([r for r in _rows(tmp_path / "a") if r["step"] == 80]) == 1
+
+
+@pytest.mark.parametrize("sampler", [{"name": "importance", "batch_size": 20, "presample": 60, "tau_th": 0.0},
+                                     {"name": "prioritized", "batch_size": 20}])
+def test_diverging_feedback_sampler_stops_with_the_nonfinite_report(tmp_path, sampler):
+    cfg = dict(TINY, sampler=sampler, optim={"name": "sgd", "lr": 1e30}, checkpoint={"every": 0})
+    with pytest.raises(NonFiniteLossError, match="No checkpoint had been written yet"):
+        train.run(cfg, tmp_path / "d", quiet=True)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["status"] == "nonfinite"
+    rows = _rows(tmp_path / "d")
+    csv_lines = (tmp_path / "d" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == len(csv_lines) - 1  # the CSV mirror is complete
+
+
+def test_label_smoothing_reaches_the_importance_scores():
+    """Scores are ||d loss / d logits|| of the trained (smoothed) loss: softmax(z) - ((1-eps) onehot + eps/K)."""
+    from sgdlab.sampling.importance import upper_bound_scores
+
+    torch.manual_seed(0)
+    z, y, eps = torch.randn(6, 4) * 3, torch.tensor([0, 1, 2, 3, 0, 1]), 0.1
+    target = (1 - eps) * torch.nn.functional.one_hot(y, 4) + eps / 4
+    expected = (torch.softmax(z, 1) - target).norm(dim=1)
+    got = upper_bound_scores(z, y, loss=train.engine.SmoothedCrossEntropy(eps))
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(upper_bound_scores(z, y), expected)  # the unsmoothed closed form differs

@@ -428,6 +428,9 @@ class ImportanceSampler:
         if s.numel() != mine.numel():
             raise ValueError(f"score_fn returned {s.numel()} scores for {mine.numel()} indices")
         s = _all_gather_cat(s.float() if s.dtype not in (torch.float32, torch.float64) else s, self.world_size)
+        if not bool(torch.isfinite(s).all()):
+            raise FloatingPointError("score_fn returned non-finite scores for the presample: the model's outputs "
+                                     "are not finite (training has diverged)")
         return smooth_scores(s, self.smoothing)
 
     def next_batch(self) -> Batch:

@@ -51,13 +51,21 @@ CHECKPOINT = "checkpoints/last.pt"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU if CUDA is available, else the CPU; otherwise the named device.
+
+    Raises ConfigError for a name torch does not know or a CUDA device on a machine without CUDA.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device(f"cuda:{local_rank}")
         return torch.device("cpu")
-    if name == "cuda" and local_rank:
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        dev = torch.device(f"cuda:{local_rank}" if name == "cuda" and local_rank else name)
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
 
 
 def build_dataset(cfg: Config) -> data_lib.Dataset:
@@ -70,8 +78,30 @@ def build_dataset(cfg: Config) -> data_lib.Dataset:
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The configured model from the registry."""
-    return models.create(cfg.model.name, num_classes=num_classes, **cfg.model.extras())
+    """The configured model from the registry (ConfigError naming ``model`` if its options are invalid)."""
+    try:
+        return models.create(cfg.model.name, num_classes=num_classes, **cfg.model.extras())
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model ({cfg.model.name}, options {cfg.model.extras()}): {e}") from None
+
+
+class SmoothedCrossEntropy:
+    """Per-example label-smoothed cross-entropy ``loss(logits, y)``.
+
+    Given to score-driven samplers as their loss, so that importance scores differentiate the loss that
+    is actually trained (``||softmax(z) - ((1 - eps) onehot(y) + eps / K)||``), not the unsmoothed one.
+    """
+
+    def __init__(self, label_smoothing: float):
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+
+    def __repr__(self) -> str:
+        return f"SmoothedCrossEntropy({self.label_smoothing})"
 
 
 def per_example_loss(name: str, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -139,6 +169,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s own random stream, derived from the run's seed (stable across machines)."""
+    return int(np.random.SeedSequence([seed & (2**63 - 1), rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -331,7 +366,7 @@ class _Run:
         self.ckpt = None
         if resume and ckpt_path.is_file():
             self.ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        elif not resume and ((run_dir / "summary.json").exists() or ckpt_path.exists()):
+        elif not resume and any(p.exists() for p in (run_dir / "summary.json", ckpt_path, run_dir / "metrics.jsonl")):
             raise ConfigError(f"{run_dir} already holds a run; use 'sgdlab resume {run_dir}' or another --out")
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -360,11 +395,20 @@ class _Run:
         if cfg.checkpoint.init_from and self.ckpt is None:
             loaded, skipped = _load_weights(model, cfg.checkpoint.init_from)
             self._say(f"initialised {loaded} tensors from {cfg.checkpoint.init_from} ({skipped} kept fresh)")
+        if dist.enabled and dist.rank > 0:
+            # Every rank built the same model from the same seed; from here on each rank needs its own
+            # stream, or dropout masks, shake coefficients and crops would repeat across the ranks'
+            # slices of the global batch. Rank 0 keeps the single-process stream.
+            torch.manual_seed(_rank_seed(cfg.seed, dist.rank))
+            self.aug_gen.manual_seed(_rank_seed(cfg.seed + 1, dist.rank))
         model.to(self.device)
         if cfg.fast.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.opt = self._optimizer(model)
+        try:
+            self.opt = self._optimizer(model)
+        except ValueError as e:
+            raise ConfigError(f"optim: {e}") from None
         self.train_model = model
         if dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -374,10 +418,13 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fast.autocast == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.fast.autocast or "")
 
+        # the loss that score-driven samplers differentiate: the trained one, label smoothing included
+        self.score_loss = (SmoothedCrossEntropy(cfg.loss.label_smoothing) if cfg.loss.label_smoothing > 0
+                           else cfg.loss.name)
         ctx = sampling.SourceContext(
             num_samples=self.num_train, batch_size=cfg.sampler.batch_size, seed=cfg.seed,
             rank=dist.rank if dist.enabled else None, world_size=dist.world_size if dist.enabled else None,
-            model=model, train_x=self.ds.train_x, train_y=self.ds.train_y, device=self.device, loss=cfg.loss.name)
+            model=model, train_x=self.ds.train_x, train_y=self.ds.train_y, device=self.device, loss=self.score_loss)
         try:
             self.source = sampling.create(cfg.sampler.name, ctx, **cfg.sampler.extras())
         except (TypeError, ValueError) as e:
@@ -398,9 +445,12 @@ class _Run:
         self.total_steps = None if d.unit == "seconds" else (
             int(d.value) if d.unit == "steps" else max(1, round(d.value * self.steps_per_epoch)))
         s = cfg.schedule
-        self.schedule = Schedule(
-            name=s.name, total=self._total_in(s.unit), milestones=tuple(s.milestones), factor=s.factor,
-            power=s.power, period=s.period, low=s.low, warmup=s.warmup, warmup_from=s.warmup_from)
+        try:
+            self.schedule = Schedule(
+                name=s.name, total=self._total_in(s.unit), milestones=tuple(s.milestones), factor=s.factor,
+                power=s.power, period=s.period, low=s.low, warmup=s.warmup, warmup_from=s.warmup_from)
+        except ValueError as e:
+            raise ConfigError(f"schedule: {e}") from None
 
         self.step, self.elapsed = 0, 0.0
         self.best = {"test_acc": None, "test_loss": None, "step": None}
@@ -452,14 +502,18 @@ class _Run:
             return self.step >= self.total_steps
         return self.elapsed >= self.cfg.duration.value
 
-    def _state(self) -> dict:
-        return {
+    def _state(self, rng: dict | None = None, rng_ranks: list | None = None) -> dict:
+        state = {
             "step": self.step, "elapsed": self.elapsed, "best": dict(self.best),
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "source": self.source.state_dict(),
-            "transforms": [t.state_dict() for t in self.transforms], "rng": _rng_state(self.aug_gen),
+            "transforms": [t.state_dict() for t in self.transforms],
+            "rng": rng if rng is not None else _rng_state(self.aug_gen),
             "world_size": self.dist.world_size,
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
+        return state
 
     def _restore(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -468,7 +522,12 @@ class _Run:
         self.source.load_state_dict(st["source"])
         for t, s in zip(self.transforms, st["transforms"]):
             t.load_state_dict(s)
-        _set_rng_state(st["rng"], self.aug_gen)
+        saved_world = int(st.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ConfigError(f"{self.run_dir} was trained with {saved_world} process(es); resume it with the "
+                              f"same number, not {self.dist.world_size}")
+        ranks = st.get("rng_ranks")
+        _set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
         self.step, self.elapsed, self.best = st["step"], st["elapsed"], dict(st["best"])
         self._say(f"resumed at step {self.step}")
 
@@ -498,14 +557,31 @@ class _Run:
             self.best["test_loss"] = row["test_loss"]
         return row
 
+    def _stop_nonfinite(self, train_loss: float, last_eval: dict | None) -> None:
+        """Record the non-finite step, write the summary and raise NonFiniteLossError."""
+        kept = (f"The last good checkpoint is kept in {self.run_dir / CHECKPOINT}"
+                if (self.run_dir / CHECKPOINT).is_file() else "No checkpoint had been written yet")
+        msg = f"non-finite training loss ({train_loss}) at step {self.step}; stopped. {kept}"
+        self.metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
+                            "train_loss": train_loss})
+        self.metrics.write_csv()
+        self.metrics.close()
+        self._summary("nonfinite", last_eval, msg)
+        raise NonFiniteLossError(msg)
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _save(self) -> None:
+        rng = _rng_state(self.aug_gen)
+        rng_ranks = None
+        if self.dist.enabled:  # every rank's random streams, so a resumed run continues each of them
+            rng_ranks = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rng_ranks, rng)
         if self.dist.main:
-            _atomic_torch_save(self._state(), self.run_dir / CHECKPOINT)
+            _atomic_torch_save(self._state(rng, rng_ranks), self.run_dir / CHECKPOINT)
             self.metrics.write_csv()
 
     def _summary(self, status: str, last_eval: dict | None, message: str | None = None) -> dict:
@@ -554,7 +630,11 @@ class _Run:
                 factor = self.schedule(self._position(unit))
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * factor
-                batch = source.next_batch()
+                try:
+                    batch = source.next_batch()
+                except FloatingPointError:
+                    # a score-driven sampler scores with the model: a diverged model shows up here first
+                    self._stop_nonfinite(float("nan"), last_eval)
                 idx = batch.indices
                 if data_device != idx.device:
                     idx = idx.to(data_device)
@@ -588,12 +668,21 @@ class _Run:
                     if clip is not None:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                     opt.step()
+                diverged = False
                 if self.wants_scores or self.wants_losses:
+                    # Feedback from a diverged step would poison the sampler's state (and make it raise);
+                    # stop with the usual non-finite report instead. These samplers synchronise every
+                    # step anyway, so the check costs nothing extra.
+                    ok = torch.isfinite(loss.detach()).float()
+                    if dist.enabled:
+                        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                    diverged = not bool(ok.item())
+                if (self.wants_scores or self.wants_losses) and not diverged:
                     scores = None
                     if self.wants_scores:
                         from ..sampling.importance import upper_bound_scores
 
-                        scores = upper_bound_scores(logits.detach().float(), y, loss=loss_name)
+                        scores = upper_bound_scores(logits.detach().float(), y, loss=self.score_loss)
                     source.observe(batch.indices, losses=raw_losses.detach(), scores=scores)
                 acc_loss += loss.detach()
                 acc_n += 1
@@ -611,7 +700,7 @@ class _Run:
                     if flag.item() > 0:
                         self.elapsed = max(self.elapsed, c.duration.value)
                 end = self._done()
-                if not (at_log or at_eval or at_ckpt or end):
+                if not (at_log or at_eval or at_ckpt or end or diverged):
                     continue
                 # ---- bookkeeping (not counted in the training clock) ----
                 if sync_clock:  # queued GPU work belongs to the steps just taken
@@ -626,14 +715,8 @@ class _Run:
                 train_loss = float(mean_loss)
                 acc_loss.zero_()
                 acc_n = 0
-                if not math.isfinite(train_loss):
-                    msg = (f"non-finite training loss ({train_loss}) at step {self.step}; stopped. "
-                           f"The last good checkpoint is kept in {self.run_dir / CHECKPOINT}")
-                    self.metrics.write({"step": self.step, "epoch": epoch, "time": self.elapsed,
-                                        "train_loss": train_loss})
-                    self.metrics.close()
-                    self._summary("nonfinite", last_eval, msg)
-                    raise NonFiniteLossError(msg)
+                if diverged or not math.isfinite(train_loss):
+                    self._stop_nonfinite(train_loss if not math.isfinite(train_loss) else float("nan"), last_eval)
                 row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
                        "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
                 row.update(self._component_metrics())
@@ -648,6 +731,10 @@ class _Run:
                 if at_ckpt or end:
                     self._save()
                 clock = time.perf_counter()
+        if last_eval is None and dist.main and self.step > 0:
+            # resumed at the end (killed after the last checkpoint, before the summary): evaluate the
+            # final model so the summary carries the same results as an uninterrupted run
+            last_eval = self._evaluate()
         self.metrics.close()
         summary = self._summary("completed", last_eval)
         if last_eval:
