@@ -230,3 +230,18 @@ def test_label_smoothing_reaches_the_importance_scores():
     got = upper_bound_scores(z, y, loss=train.engine.SmoothedCrossEntropy(eps))
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(upper_bound_scores(z, y), expected)  # the unsmoothed closed form differs
+
+
+def test_resume_on_another_thread_count_says_so(tmp_path, capsys):
+    d = tmp_path / "t"
+    train.run(dict(TINY, duration="20 steps"), d, quiet=True)  # the test session runs on one thread
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["duration"] = "40 steps"
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "summary.json").unlink()
+    torch.set_num_threads(2)
+    try:
+        train.resume(d)
+    finally:
+        torch.set_num_threads(1)
+    assert "trained on 1 torch thread(s) and resumes on 2" in capsys.readouterr().out

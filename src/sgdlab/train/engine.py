@@ -509,7 +509,7 @@ class _Run:
             "scaler": self.scaler.state_dict(), "source": self.source.state_dict(),
             "transforms": [t.state_dict() for t in self.transforms],
             "rng": rng if rng is not None else _rng_state(self.aug_gen),
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "threads": torch.get_num_threads(),
         }
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
@@ -530,6 +530,12 @@ class _Run:
         _set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
         self.step, self.elapsed, self.best = st["step"], st["elapsed"], dict(st["best"])
         self._say(f"resumed at step {self.step}")
+        threads = st.get("threads")
+        if threads is not None and threads != torch.get_num_threads():
+            self._say(f"note: this run was trained on {threads} torch thread(s) and resumes on "
+                      f"{torch.get_num_threads()}; CPU kernels sum in a thread-dependent order, so the numbers "
+                      f"can differ in the last bits from an uninterrupted run (torch.set_num_threads({threads}) "
+                      "or OMP_NUM_THREADS avoids it)")
 
     def _component_metrics(self) -> dict:
         out: dict = {}
