@@ -196,8 +196,9 @@ def model_sharpness(
     # Every floating tensor the forward pass reads is supplied in the working dtype (buffers and frozen
     # parameters as constants), so the model itself is never cast.
     buffers = {k: (b.to(work_dtype) if b.is_floating_point() else b) for k, b in model.named_buffers()}
+    trainable = set(names)
     buffers.update({k: p.detach().to(work_dtype) for k, p in model.named_parameters()
-                    if k not in set(names) and p.is_floating_point()})
+                    if k not in trainable and p.is_floating_point()})
     batches_w = [(x.to(work_dtype) if x.is_floating_point() else x, y) for x, y in batches]
 
     def f(flat: torch.Tensor) -> torch.Tensor:

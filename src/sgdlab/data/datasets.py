@@ -235,16 +235,19 @@ def _cifar_folder(name: str, root) -> Path:
         candidates.append(Path(os.environ[spec["env"]]).expanduser())
     elif os.environ.get("SGDLAB_DATA"):
         candidates.append(Path(os.environ["SGDLAB_DATA"]).expanduser())
+    files = spec["train"] + spec["test"]
+    partial = None  # the first folder holding some of the files, and the ones it lacks
     for base in candidates:
         for folder in (base, base / spec["folder"]):
-            if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+            missing = [f for f in files if not (folder / f).is_file()]
+            if not missing:
                 return folder
+            if partial is None and len(missing) < len(files):
+                partial = (folder, missing)
+    if partial is not None:
+        folder, missing = partial
+        raise DataError(f"{name}: {folder} lacks {', '.join(missing)} (the python-version CIFAR files)")
     where = str(candidates[0]) if candidates else "(none given)"
-    for base in candidates:  # a folder with some of the files: name the missing ones
-        for folder in (base, base / spec["folder"]):
-            missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
-            if folder.is_dir() and len(missing) < len(spec["train"]) + len(spec["test"]):
-                raise DataError(f"{name}: {folder} lacks {', '.join(missing)} (the python-version CIFAR files)")
     raise DataError(
         f"{name}: no CIFAR files found in {where}. Put the python-version files "
         f"({', '.join(spec['train'][:2])}{', ...' if len(spec['train']) > 2 else ''}, {spec['test'][0]}) in a folder "

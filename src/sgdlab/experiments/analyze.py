@@ -82,7 +82,9 @@ def _world_size(run_dir: Path) -> int:
             return int(json.loads(summary.read_text()).get("world_size", 1))
         except (ValueError, TypeError, AttributeError):
             pass
-    ckpt = run_dir / "checkpoints" / "last.pt"
+    from sgdlab.train.engine import CHECKPOINT
+
+    ckpt = run_dir / CHECKPOINT
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         return int(state.get("world_size", 1))

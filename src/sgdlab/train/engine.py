@@ -90,7 +90,8 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 class SmoothedCrossEntropy:
     """Per-example label-smoothed cross-entropy ``loss(logits, y)``.
 
-    Given to score-driven samplers as their loss, so that importance scores differentiate the loss that
+    Given to score-driven samplers as their loss, so that the importance scores (Katharopoulos & Fleuret
+    2018, eq. 19: the norm of the loss gradient w.r.t. the logits) differentiate the loss that
     is actually trained (``||softmax(z) - ((1 - eps) onehot(y) + eps / K)||``), not the unsmoothed one.
     """
 
@@ -98,7 +99,7 @@ class SmoothedCrossEntropy:
         self.label_smoothing = float(label_smoothing)
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        return per_example_loss("cross_entropy", logits, y, self.label_smoothing)
 
     def __repr__(self) -> str:
         return f"SmoothedCrossEntropy({self.label_smoothing})"
@@ -683,13 +684,13 @@ class _Run:
                     if dist.enabled:
                         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
                     diverged = not bool(ok.item())
-                if (self.wants_scores or self.wants_losses) and not diverged:
-                    scores = None
-                    if self.wants_scores:
-                        from ..sampling.importance import upper_bound_scores
+                    if not diverged:
+                        scores = None
+                        if self.wants_scores:
+                            from ..sampling.importance import upper_bound_scores
 
-                        scores = upper_bound_scores(logits.detach().float(), y, loss=self.score_loss)
-                    source.observe(batch.indices, losses=raw_losses.detach(), scores=scores)
+                            scores = upper_bound_scores(logits.detach().float(), y, loss=self.score_loss)
+                        source.observe(batch.indices, losses=raw_losses.detach(), scores=scores)
                 acc_loss += loss.detach()
                 acc_n += 1
                 self.step += 1
