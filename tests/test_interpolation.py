@@ -17,7 +17,7 @@ def test_quadratic_along_both_paths():
     a, b = Quadratic(H, wa), Quadratic(H, wb)
     alphas = np.linspace(-1, 2, 25)
     lin = interpolate(a, b, mean_output, quad_data(), alphas=alphas)
-    sc = interpolate(a, b, mean_output, quad_data(), alphas=alphas, path="sincos")
+    sc = interpolate(a, b, mean_output, quad_data(), alphas=alphas, curve="sincos")
     for r_lin, r_sc, al in zip(lin, sc, alphas):
         w = al * wb + (1 - al) * wa  # papers/004: f(a x_l + (1-a) x_s)
         assert r_lin["alpha"] == pytest.approx(al)
@@ -75,8 +75,11 @@ def test_network_endpoints_and_plot(tmp_path):
 
 def test_bad_inputs():
     model, data = trained_mlp(steps=1)
-    with pytest.raises(ValueError, match="path"):
-        interpolate(model, model, F.cross_entropy, data, alphas=[0.0], path="cubic")
+    with pytest.raises(ValueError, match="curve must be 'linear' or 'sincos'"):
+        interpolate(model, model, F.cross_entropy, data, alphas=[0.0], curve="cubic")
+    with pytest.warns(DeprecationWarning, match="use curve="):  # the old name of curve= still works
+        old = interpolate(model, model, F.cross_entropy, data, alphas=[0.0, 0.5], path="sincos")
+    assert old == interpolate(model, model, F.cross_entropy, data, alphas=[0.0, 0.5], curve="sincos")
     with pytest.raises(ValueError, match="empty"):
         interpolate(model, model, F.cross_entropy, [], alphas=[0.0])
     with pytest.raises(ValueError, match="same architecture"):

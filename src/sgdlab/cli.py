@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
+from . import __version__
 from .errors import NonFiniteLossError, SgdlabError
 
-__all__ = ["main", "default_config_path"]
+__all__ = ["main"]
 
 
-def default_config_path() -> Path:
-    """The packaged default experiment (cnn1d on MNIST-1D)."""
-    return Path(str(resources.files("sgdlab.train").joinpath("default.yaml")))
+def _is_override(token: str) -> bool:
+    """``key=value`` (a dotted config key), as opposed to a path or an option."""
+    return "=" in token and not token.startswith("-") and not Path(token).exists()
+
+
+def _threads_override(args) -> list[str]:
+    return [f"threads={args.threads}"] if getattr(args, "threads", None) is not None else []
 
 
 def _cmd_run(args) -> int:
     from . import train
 
-    config = args.config if args.config else default_config_path()
-    summary = train.run(config, args.out, overrides=args.overrides, quiet=args.quiet)
+    # no config: the Config defaults, the same experiment as an empty config file
+    summary = train.run(args.config, args.out, overrides=args.overrides + _threads_override(args), quiet=args.quiet)
     final = summary.get("final", {})
     if "test_acc" in final:
         print(f"final test accuracy: {final['test_acc']:.4f}")
@@ -35,7 +39,7 @@ def _cmd_run(args) -> int:
 def _cmd_resume(args) -> int:
     from . import train
 
-    summary = train.resume(args.run_dir, quiet=args.quiet)
+    summary = train.resume(args.run_dir, quiet=args.quiet, threads=args.threads)
     final = summary.get("final", {})
     if "test_acc" in final:
         print(f"final test accuracy: {final['test_acc']:.4f}")
@@ -47,7 +51,7 @@ def _cmd_check(args) -> int:
 
     failures = 0
     for path in args.configs:
-        ok, lines = check_config(path, overrides=args.overrides)
+        ok, lines = check_config(path, overrides=args.overrides + _threads_override(args))
         status = "ok" if ok else "FAILED"
         print(f"{path}: {status}")
         for line in lines:
@@ -74,6 +78,7 @@ def _cmd_analyze(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgdlab", description="Stochastic training of deep networks: sampling, "
                                 "noise injection and diagnostics of SGD solutions.")
+    p.add_argument("--version", action="version", version=f"sgdlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train from a config (default: cnn1d on MNIST-1D)")
@@ -81,16 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
     r.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    r.add_argument("--threads", type=int, help="torch CPU threads (the config key 'threads'; default auto)")
     r.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("resume", help="continue an interrupted run to its configured end")
     s.add_argument("run_dir")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: the run's own setting)")
     s.set_defaults(fn=_cmd_resume)
 
     c = sub.add_parser("check", help="validate configs and instantiate their model and data pipeline")
-    c.add_argument("configs", nargs="+")
-    c.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override")
+    c.add_argument("configs", nargs="+", help="YAML configs, then any key=value overrides for all of them")
+    c.add_argument("--set", dest="set_overrides", action="append", default=[], help=argparse.SUPPRESS)
+    c.add_argument("--threads", type=int, help="check with this 'threads' setting")
     c.set_defaults(fn=_cmd_check)
 
     a = sub.add_parser("analyze", help="diagnostics of trained runs (JSON + PNG into the run directory)")
@@ -107,14 +115,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _regroup(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """One grammar for every command that takes a config: ``CONFIG [key=value ...]`` with options anywhere.
+
+    argparse leaves positionals that follow an option unparsed; they are sorted here into the config
+    slot and the overrides, and anything else is an error as usual.
+    """
+    command = getattr(args, "command", None)
+    takes_overrides = command in ("run", "check", "sweep")
+    if not takes_overrides:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return
+    if command == "check":
+        tokens = list(args.configs) + extra
+        args.configs = [t for t in tokens if not _is_override(t)]
+        args.overrides = [t for t in tokens if _is_override(t)] + list(args.set_overrides)
+        bad = [t for t in args.configs if t.startswith("-")]
+        if bad or not args.configs:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}" if bad else "check: give at least one config")
+        return
+    tokens = ([args.config] if args.config else []) + list(args.overrides) + extra
+    bad = [t for t in tokens if t.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    configs = [t for t in tokens if not _is_override(t)]
+    if len(configs) > 1:
+        parser.error(f"{command}: one config file, then key=value overrides; got {', '.join(configs)}")
+    args.config = configs[0] if configs else None
+    args.overrides = [t for t in tokens if _is_override(t)]
+    if command == "sweep" and args.config is None:
+        parser.error("sweep: give the base config file")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    # `sgdlab run key=value ...` without a config file: the first key=value is an override too.
-    if getattr(args, "command", None) == "run" and args.config and "=" in args.config \
-            and not Path(args.config).exists():
-        args.overrides = [args.config] + list(args.overrides)
-        args.config = None
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    _regroup(parser, args, extra)
     try:
         return args.fn(args) or 0
     except NonFiniteLossError as e:

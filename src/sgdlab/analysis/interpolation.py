@@ -1,8 +1,8 @@
 """Loss and accuracy along a path between two solutions (papers/004 section 3.2, Fig. 5; Keskar et al. 2017).
 
-``path="linear"``: ``theta(alpha) = alpha * theta_b + (1 - alpha) * theta_a`` -- the lecture's
+``curve="linear"``: ``theta(alpha) = alpha * theta_b + (1 - alpha) * theta_a`` -- the lecture's
 ``f(alpha x_l + (1 - alpha) x_s)`` with ``model_a = x_s`` (small batch) and ``model_b = x_l`` (large batch).
-``path="sincos"``: ``theta(alpha) = sin(alpha pi / 2) theta_b + cos(alpha pi / 2) theta_a``.
+``curve="sincos"``: ``theta(alpha) = sin(alpha pi / 2) theta_b + cos(alpha pi / 2) theta_a``.
 So ``alpha = 0`` is ``model_a`` and ``alpha = 1`` is ``model_b`` on both paths.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,13 +23,14 @@ from ._data import as_batches, check_loss, eval_mode, model_device, num_examples
 __all__ = ["interpolate", "interpolation_coefficients", "evaluate"]
 
 
-def interpolation_coefficients(alpha: float, path: str = "linear") -> tuple[float, float]:
-    """``(c_a, c_b)`` with ``theta(alpha) = c_a theta_a + c_b theta_b`` for the given path."""
+def interpolation_coefficients(alpha: float, curve: str = "linear") -> tuple[float, float]:
+    """``(c_a, c_b)`` with ``theta(alpha) = c_a theta_a + c_b theta_b`` on the given curve."""
+    path = curve
     if path == "linear":
         return 1.0 - alpha, alpha
     if path == "sincos":
         return math.cos(alpha * math.pi / 2), math.sin(alpha * math.pi / 2)
-    raise ValueError(f"path must be 'linear' or 'sincos', got {path!r}")
+    raise ValueError(f"curve must be 'linear' or 'sincos', got {path!r}")
 
 
 @torch.no_grad()
@@ -58,7 +60,8 @@ def interpolate(
     data: Any,
     *,
     alphas: Iterable[float] | None = None,
-    path: str = "linear",
+    curve: str = "linear",
+    path: str | None = None,
 ) -> list[dict]:
     """Evaluate the model at ``theta(alpha)`` between ``model_a`` (alpha 0) and ``model_b`` (alpha 1).
 
@@ -68,8 +71,16 @@ def interpolate(
     clamped at zero when extrapolating. ``alphas`` defaults to
     ``linspace(-1, 2, 25)``. Returns one dict per alpha: ``{"alpha", "loss", "accuracy"}`` on ``data``
     (mean loss, batches weighted by size; eval mode). The two models are not modified.
+
+    ``curve`` is ``"linear"`` or ``"sincos"``. ``path=`` is its deprecated old name (``path`` means a file
+    name everywhere else, e.g. :func:`plot_interpolation`).
     """
-    interpolation_coefficients(0.0, path)  # validates path
+    if path is not None:
+        warnings.warn("interpolate(path=...) is deprecated: use curve='linear' or curve='sincos' (path= is a "
+                      "file name in the plot functions)", DeprecationWarning, stacklevel=2)
+        curve = path
+    path = curve
+    interpolation_coefficients(0.0, path)  # validates the curve
     alphas = list(np.linspace(-1.0, 2.0, 25) if alphas is None else alphas)
     if not alphas:
         raise ValueError("alphas is empty")

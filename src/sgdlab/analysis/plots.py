@@ -30,12 +30,13 @@ def plot_interpolation(
     *,
     path: str | Path | None = None,
     title: str | None = None,
-    labels: tuple[str, str] = ("small batch", "large batch"),
+    labels: tuple[str, str] = ("model_a", "model_b"),
 ) -> Figure:
     """Loss (solid, left axis) and accuracy (dashed, right axis) along the interpolation path.
 
     ``train``/``test`` are the lists returned by :func:`sgdlab.analysis.interpolate`. Alpha 0 and 1 are
-    marked with ``labels`` (``model_a``, ``model_b``). Saved to ``path`` if given.
+    marked with ``labels``: pass the two runs' names (the default says only which argument of
+    ``interpolate`` each end is). Saved to the file ``path`` if given.
     """
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
@@ -66,12 +67,17 @@ def plot_interpolation(
 def plot_spectral_density(
     density: Any, *, path: str | Path | None = None, log_scale: bool = True, title: str | None = None
 ) -> Figure:
-    """Plot a :class:`sgdlab.analysis.SpectralDensity` (density against eigenvalue, log y by default)."""
+    """Plot a :class:`sgdlab.analysis.SpectralDensity` (density against eigenvalue, log y by default).
+
+    On the log scale, values below ``1e-6`` of the peak (the Gaussian broadening's numerical tails) are
+    left out rather than drawn as a flat floor. Saved to the file ``path`` if given.
+    """
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.subplots()
-    y = np.asarray(density.density)
+    y = np.asarray(density.density, dtype=float)
     if log_scale:
-        y = np.maximum(y, 1e-12 * max(float(y.max()), 1e-300))
+        floor = 1e-6 * max(float(np.nanmax(y)), 1e-300)
+        y = np.where(y >= floor, y, np.nan)
         ax.semilogy(density.grid, y)
     else:
         ax.plot(density.grid, y)

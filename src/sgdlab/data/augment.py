@@ -26,6 +26,14 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean.to(x).view(shape)) / std.to(x).view(shape)
 
 
+def _check_nchw(x: torch.Tensor, fn: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{fn} expects images (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] == x.shape[2] > 4:  # (N, H, H, C): square images, channels last
+        raise ValueError(f"{fn} expects images (N, C, H, W); shape {tuple(x.shape)} looks channels-last "
+                         f"(N, H, W, C): pass x.permute(0, 3, 1, 2)")
+
+
 def random_crop(x: torch.Tensor, padding: int = 4, *, fill: torch.Tensor | float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Random ``H x W`` crops of the batch ``x`` (N, C, H, W) padded by ``padding`` pixels.
@@ -34,8 +42,7 @@ def random_crop(x: torch.Tensor, padding: int = 4, *, fill: torch.Tensor | float
     ``fill`` is the padding value, a scalar or per-channel tensor (C,) (e.g. the normalised
     value of black, so that crop-after-normalisation equals the usual crop-then-normalise).
     """
-    if x.dim() != 4:
-        raise ValueError(f"random_crop expects (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_nchw(x, "random_crop")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     if padding == 0:
@@ -62,5 +69,8 @@ def random_flip(x: torch.Tensor, p: float = 0.5, *, generator: torch.Generator |
 
 def cifar_augment(x: torch.Tensor, *, fill: torch.Tensor | float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard CIFAR augmentation: random crop with 4-pixel padding, then random horizontal flip."""
+    """Standard CIFAR augmentation (He et al. 2016, sec. 4.2): random crop with 4-pixel padding, then a
+    random horizontal flip. ``x`` is a batch of images ``(N, C, H, W)``; a channels-last array
+    ``(N, H, W, C)`` is refused (cropping it would cut the channel axis)."""
+    _check_nchw(x, "cifar_augment")
     return random_flip(random_crop(x, 4, fill=fill, generator=generator), generator=generator)

@@ -51,6 +51,11 @@ class Dataset:
     std: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        norm = ", normalized" if self.mean is not None else ""
+        return (f"Dataset({self.name!r}, train {len(self.train_y)}, test {len(self.test_y)}, "
+                f"shape {tuple(self.train_x.shape[1:])}, {self.num_classes} classes{norm})")
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
@@ -247,9 +252,10 @@ def _cifar_folder(name: str, root) -> Path:
     if partial is not None:
         folder, missing = partial
         raise DataError(f"{name}: {folder} lacks {', '.join(missing)} (the python-version CIFAR files)")
-    where = str(candidates[0]) if candidates else "(none given)"
+    where = f"no CIFAR files found in {candidates[0]}" if candidates else (
+        f"no folder given (data.root, ${spec['env']} and $SGDLAB_DATA are all unset)")
     raise DataError(
-        f"{name}: no CIFAR files found in {where}. Put the python-version files "
+        f"{name}: {where}. Put the python-version files "
         f"({', '.join(spec['train'][:2])}{', ...' if len(spec['train']) > 2 else ''}, {spec['test'][0]}) in a folder "
         f"(or its subfolder {spec['folder']}/) and give it as data.root in the config or in the environment "
         f"variable {spec['env']} (or SGDLAB_DATA)."

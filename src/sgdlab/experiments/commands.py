@@ -19,7 +19,12 @@ def _cmd_sweep(args) -> int:
 
     grid = parse_grid(args.grid or [])
     out = args.out or str(Path("runs") / ("sweep-" + Path(args.config).stem))
-    m = run_sweep(args.config, grid_points(grid) if grid else None, args.seeds, out, jobs=args.jobs,
+    config = args.config
+    if args.overrides:  # key=value overrides of the base config, as for `sgdlab run`
+        from ..train.config import apply_overrides, read_raw_config
+
+        config = apply_overrides(read_raw_config(Path(args.config)), args.overrides)
+    m = run_sweep(config, grid_points(grid) if grid else None, args.seeds, out, jobs=args.jobs,
                   backend=args.backend, address=args.address, progress=not args.quiet)
     c = m["counts"]
     print(f"{out}: {len(m['trials'])} trials; ran {c.get('ran', 0)}, resumed {c.get('resumed', 0)}, "
@@ -38,9 +43,9 @@ def _cmd_sweep(args) -> int:
 def _cmd_report(args) -> int:
     from .report import write_report
 
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     kw = {"metrics": metrics} if metrics else {}
-    paths = write_report(args.dir, args.out, baseline=args.baseline, **kw)
+    paths = write_report(args.dir, args.out, baseline=args.baseline, strict_metrics=True, **kw)
     print(f"{paths['markdown']}\n{paths['html']}")
     return 0
 
@@ -71,7 +76,8 @@ def _cmd_study(args) -> int:
 def add_parsers(sub) -> None:
     """Register ``sweep``, ``report`` and ``study`` on the ``sgdlab`` subparsers."""
     s = sub.add_parser("sweep", help="run a config over a grid x seeds in parallel (resumable)")
-    s.add_argument("config", help="base YAML config")
+    s.add_argument("config", nargs="?", help="base YAML config")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
     s.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="dotted key and values (YAML), repeatable; the sweep runs their cross product")
     s.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per grid point (default 1)")
@@ -84,10 +90,11 @@ def add_parsers(sub) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress display")
     s.set_defaults(fn=_cmd_sweep)
 
-    r = sub.add_parser("report", help="Markdown + HTML report (PNG figures) of a sweep directory")
-    r.add_argument("dir", help="sweep directory (holds sweep.json)")
+    r = sub.add_parser("report", help="Markdown + HTML report (PNG figures) of a sweep or a single run")
+    r.add_argument("dir", help="sweep directory (holds sweep.json) or run directory (holds config.yaml)")
     r.add_argument("--baseline", help="group to compare against: key=value (e.g. sampler.name=epoch) or label=NAME")
-    r.add_argument("--metrics", help="comma-separated final metrics (default test_error,test_loss,...)")
+    r.add_argument("--metrics", help="comma-separated final metrics (default test_error,test_loss,...; "
+                   "an unknown name lists the valid ones)")
     r.add_argument("--out", help="where to write the report (default: the sweep directory)")
     r.set_defaults(fn=_cmd_report)
 

@@ -1,11 +1,13 @@
-"""``sgdlab report DIR``: a self-contained Markdown + HTML report of a sweep, PNG figures beside them.
+"""``sgdlab report DIR``: a self-contained Markdown + HTML report of a sweep or of one run, PNG figures beside them.
 
 Contents: learning curves per group (median across seeds with the 25-75% band; test error and
 training loss against epochs and against wall-clock time, as in the SRS paper's Figs. 2-3 and the
 importance-sampling paper's loss-vs-time plots), a table of final metrics per group (median, mean,
 95% bootstrap interval, n; shake-shake's Table 1 is such a table) and, for a baseline group, each
 group's difference from it with its bootstrap interval (:mod:`sgdlab.experiments.aggregate`).
-Studies append their own sections (verdicts, analyses) through ``sections``.
+Studies append their own sections (verdicts, analyses) through ``sections``. Every report states the
+settings that all its trials share ("Held fixed"), labels a run by its config ``name`` (else its
+directory), and draws SRS-style samplers against *effective* epochs (steps x batch / N).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import yaml
 from ..errors import ConfigError
 from . import aggregate as agg
 
-__all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report"]
+__all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report", "metric_names"]
 
 METRIC_NAMES = {
     "test_error": "test error", "test_acc": "test accuracy", "test_loss": "test loss",
@@ -32,6 +34,13 @@ METRIC_NAMES = {
     "wall_time": "training time (s)", "sharpness": "sharpness",
 }
 DEFAULT_METRICS = ("test_error", "test_loss", "train_eval_loss", "train_loss_auc", "wall_time")
+# final metrics every run can have (aggregate.trial_metrics); studies add their own (e.g. sharpness)
+FINAL_METRICS = ("test_error", "test_acc", "test_loss", "best_test_acc", "train_loss", "train_eval_loss",
+                 "train_eval_acc", "train_loss_auc", "wall_time", "steps")
+# samplers with true epochs; the others (srs, replacement, importance, ...) count effective epochs
+_EPOCH_SAMPLERS = ("epoch",)
+# keys that never describe the experiment (bookkeeping) and so are left out of "Held fixed"
+_BOOKKEEPING = ("log.", "checkpoint.every", "eval.batch_size", "name", "notes", "seed", "device", "threads")
 
 
 @dataclass
@@ -54,7 +63,7 @@ class Section:
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    """Numbers with ``digits`` significant digits; everything else as text."""
+    """Numbers with ``digits`` significant digits (every number of a report goes through here); else text."""
     if isinstance(v, bool) or v is None:
         return "" if v is None else str(v)
     if isinstance(v, (int, np.integer)):
@@ -121,6 +130,68 @@ def _groups(trials: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _log_axis(ax, values) -> None:
+    """Log y axis with plain tick labels (0.02, 0.05, 0.1), minor ones labelled when it spans < 1 decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    label = FuncFormatter(lambda v, _pos: fmt(float(v), 2))
+    ax.yaxis.set_major_formatter(label)
+    finite = np.asarray([v for v in values if np.isfinite(v) and v > 0])
+    narrow = finite.size > 0 and finite.max() / finite.min() < 10
+    if narrow:
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+        ax.yaxis.set_minor_formatter(label)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _trial_config(t: dict) -> dict:
+    if isinstance(t.get("config"), dict):
+        return t["config"]
+    path = Path(t.get("dir", "")) / "config.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def epoch_label(trials: list[dict]) -> str:
+    """``epochs``, ``effective epochs`` (samplers without epochs, e.g. SRS), or both when they are mixed."""
+    names = {(_trial_config(t).get("sampler") or {}).get("name", "epoch") for t in trials}
+    effective = sorted(n for n in names if n not in _EPOCH_SAMPLERS)
+    if not effective:
+        return "epochs"
+    if len(effective) == len(names):
+        return "effective epochs (steps x batch / N)"
+    return f"epochs (effective epochs for {', '.join(effective)})"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def held_fixed(trials: list[dict]) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every setting that all trials share (what the comparison holds fixed)."""
+    flats = [_flatten(_trial_config(t)) for t in trials]
+    flats = [f for f in flats if f]
+    if not flats:
+        return []
+    common = []
+    for k, v in flats[0].items():
+        if any(k == b or k.startswith(b) for b in _BOOKKEEPING if b.endswith(".")) or k in _BOOKKEEPING:
+            continue
+        if all(k in f and f[k] == v for f in flats[1:]):
+            common.append((k, v))
+    return common
+
+
 def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str | None = None,
                   logy: bool = False) -> bool:
     """One panel of learning curves: per group the median across seeds and the 25-75% band.
@@ -134,13 +205,15 @@ def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = False
+    plotted: list[float] = []
     for label, ts in _groups([t for t in trials if t["status"] == "completed"]).items():
         c = agg.curve(ts, y, x)
         if c is None:
             continue
         grid, ys = c
         med = np.median(ys, axis=0)
-        line, = ax.plot(grid, med, label=f"{label} (n={len(ys)})")
+        plotted.extend(np.asarray(ys).ravel().tolist())
+        line, = ax.plot(grid, med, label=f"{label} (n={len(ys)})" if len(ys) > 1 else label)
         if len(ys) > 1:
             q1, q3 = np.quantile(ys, [0.25, 0.75], axis=0)
             ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -148,11 +221,12 @@ def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str 
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_xlabel({"epoch": "epochs", "time": "wall-clock time (s)", "step": "steps"}.get(x, x))
+    xlabel = {"epoch": epoch_label(trials), "time": "wall-clock time (s)", "step": "steps"}.get(x, x)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_NAMES.get(y, y))
     if logy:
-        ax.set_yscale("log")
-    ax.set_title(title or f"{METRIC_NAMES.get(y, y)} vs {x}")
+        _log_axis(ax, plotted)
+    ax.set_title(title or f"{METRIC_NAMES.get(y, y)} vs {xlabel.split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -233,13 +307,16 @@ def standard_sections(trials: list[dict], out: Path, *, baseline: str | None = N
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     groups = _groups(trials)
+    fixed = held_fixed(trials)
     overview = Section("Overview", [
         Block("p", f"{len(trials)} trials in {len(groups)} groups; status: "
                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."),
         Block("table", headers=["group", "overrides", "seeds"],
               rows=[[g, ", ".join(f"{k}={agg_json(v)}" for k, v in ts[0]["overrides"].items()),
                      " ".join(str(t["seed"]) for t in ts)] for g, ts in groups.items()]),
-    ])
+    ] + ([Block("p", "Held fixed: every trial has these settings (the groups differ only in their overrides "
+                     "and seeds)."),
+          Block("table", headers=["setting", "value"], rows=[[k, agg_json(v)] for k, v in fixed])] if fixed else []))
     if figures is None:
         figures = [("test_error", "epoch"), ("train_loss", "epoch"), ("train_eval_loss", "epoch"),
                    ("test_error", "time"), ("train_loss", "time"), ("train_eval_loss", "time")]
@@ -264,26 +341,71 @@ def agg_json(v: Any) -> str:
 def write_report(sweep_dir, out_dir=None, *, baseline: str | None = None,
                  metrics: Sequence[str] = DEFAULT_METRICS, title: str | None = None,
                  sections: Sequence[Section] = (), figures: Sequence[tuple[str, str]] | None = None,
-                 lead: Sequence[Section] = ()) -> dict[str, Path]:
+                 lead: Sequence[Section] = (), strict_metrics: bool = False) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` (figures beside them) for the sweep in ``sweep_dir``.
 
     ``baseline`` is ``key=value`` (the group whose grid point sets ``key`` to ``value``) or
     ``label=NAME``; ``metrics`` the final metrics tabulated; ``figures`` the ``(y, x)`` learning-curve
     panels (default: test error, mini-batch and full training loss against epochs and time);
-    ``lead``/``sections`` extra sections placed before/after the standard ones.
+    ``lead``/``sections`` extra sections placed before/after the standard ones; ``strict_metrics``
+    makes an unknown metric name an error listing the valid ones (as ``sgdlab report --metrics`` does).
+    ``sweep_dir`` may also be a single run directory: its curves and final metrics.
     Returns ``{"markdown": path, "html": path}``.
     """
     sweep_dir = Path(sweep_dir)
-    try:
-        trials = agg.load_trials(sweep_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
+    single = not (sweep_dir / "sweep.json").is_file() and (sweep_dir / "config.yaml").is_file()
+    if single:
+        trials = [run_trial(sweep_dir)]
+    else:
+        try:
+            trials = agg.load_trials(sweep_dir)
+        except FileNotFoundError:
+            raise ConfigError(f"{sweep_dir}: neither a sweep directory (sweep.json) nor a run directory "
+                              f"(config.yaml)") from None
+    if strict_metrics:
+        check_metrics(metrics, trials)
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     base_label = _parse_baseline(baseline, trials)
     all_sections = list(lead) + standard_sections(trials, out, baseline=base_label, metrics=metrics,
                                                   figures=figures) + list(sections)
-    md, h = render(title or f"Sweep report: {sweep_dir.name}", all_sections)
+    default_title = f"Run report: {trials[0]['label']}" if single else f"Sweep report: {sweep_dir.name}"
+    md, h = render(title or default_title, all_sections)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(h)
     return {"markdown": out / "report.md", "html": out / "report.html"}
+
+
+def metric_names(trials: Sequence[dict] = ()) -> list[str]:
+    """The final metrics a report can tabulate: the standard ones plus any the trials' analyses recorded."""
+    names = list(FINAL_METRICS)
+    for t in trials:
+        for k in agg.trial_metrics(t) if t.get("status") == "completed" else ():
+            if k not in names:
+                names.append(k)
+    return names
+
+
+def check_metrics(metrics: Sequence[str], trials: Sequence[dict] = ()) -> None:
+    """ConfigError naming the unknown metrics and listing the valid ones."""
+    valid = metric_names(trials)
+    unknown = [m for m in metrics if m not in valid]
+    if unknown:
+        raise ConfigError(f"--metrics: unknown metric{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+
+
+def run_trial(run_dir) -> dict:
+    """One run directory as a report trial: labelled by the config's ``name``, else the directory name."""
+    import json
+
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    rows = []
+    if (run_dir / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    status = summary.get("status") or "interrupted"
+    return {"name": run_dir.name, "label": cfg.get("name") or run_dir.resolve().name, "overrides": {},
+            "seed": cfg.get("seed", 0), "dir": str(run_dir), "config": cfg, "summary": summary, "rows": rows,
+            "status": status, "extra": {}}

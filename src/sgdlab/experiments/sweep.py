@@ -149,10 +149,11 @@ def _load_raw(config) -> dict:
 def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1) -> tuple[dict, list[Trial]]:
     """``(base, trials)``: the validated trials of ``config`` x ``points`` x ``seeds`` (seed = 0..N-1 for an int).
 
-    Every trial's config is validated now (bad keys raise :class:`~sgdlab.errors.ConfigError` before
+    Every trial's config is validated now, its model and sampler built on stand-ins (bad keys and option
+    values raise :class:`~sgdlab.errors.ConfigError` before
     anything runs); progress bars are switched off inside trials.
     """
-    from ..train.config import config_to_dict, load_config
+    from ..train.config import config_to_dict, dry_build, load_config
 
     base = _load_raw(config)
     seed_list = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -174,7 +175,9 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
                 set_dotted(raw, k, v)
             raw["seed"] = s
             set_dotted(raw, "log.progress", False)
-            cfg = config_to_dict(load_config(raw))
+            loaded = load_config(raw)
+            dry_build(loaded)
+            cfg = config_to_dict(loaded)
             trials.append(Trial(name, p.name(), dict(p.overrides), s, cfg))
     return base, trials
 
@@ -226,9 +229,9 @@ def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dic
         torch.set_num_threads(int(threads))
     try:
         if state == "interrupted":
-            train.resume(d, quiet=True)
+            train.resume(d, quiet=True, threads=threads or None)
             return {"action": "resumed", "status": "completed"}
-        train.run(config, d, quiet=True)
+        train.run(config, d, quiet=True, threads=threads or None)
         return {"action": "ran", "status": "completed"}
     except NonFiniteLossError as e:
         return {"action": "ran", "status": "nonfinite", "message": str(e)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import json
 import re
 import typing
 from pathlib import Path
@@ -105,8 +106,8 @@ class SamplerConfig(_Open):
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -177,10 +178,15 @@ class FastConfig(_Strict):
 
 
 class Config(_Strict):
-    """The whole run: seed, device, duration and one section per layer (see the README reference)."""
+    """The whole run: seed, device, threads, duration and one section per layer (docs/configuration.md).
+
+    The defaults are the default experiment: ``Config()``, an empty YAML file and ``sgdlab run`` with no
+    config all train cnn1d on MNIST-1D for 2000 steps with SGD (lr 0.05, momentum 0.9).
+    """
 
     seed: int = 0
     device: str = "auto"
+    threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -199,6 +205,13 @@ class Config(_Strict):
     @classmethod
     def _duration(cls, v):
         return parse_duration(v)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"threads must be 'auto' or a whole number >= 1, got {v!r}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -227,10 +240,38 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _format_validation(err: ValidationError) -> str:
-    lines = []
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _raw_at(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _format_validation(err: ValidationError, raw: dict | None = None) -> str:
+    lines: list[str] = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
+        indexed = any(isinstance(p, int) for p in e["loc"])
+        if (indexed and e["type"] == "missing") or e["type"] in ("too_long", "too_short"):
+            # a list of the wrong length: name the list, not its missing item
+            n = next((i for i, p in enumerate(e["loc"]) if isinstance(p, int)), len(loc))
+            field_loc = loc[:n]
+            ann = Config
+            for part in field_loc:
+                ann = getattr(ann, "model_fields", {}).get(part)
+                ann = ann.annotation if ann is not None else None
+            want = len(typing.get_args(ann)) if typing.get_origin(ann) is tuple else None
+            got = _raw_at(raw, field_loc)
+            msg = (f"invalid value for '{'.'.join(field_loc)}': expected a list of "
+                   f"{want if want else 'the right number of'} values, got {got!r}")
+            if msg not in lines:
+                lines.append(msg)
+            continue
         key = ".".join(loc)
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
@@ -238,16 +279,51 @@ def _format_validation(err: ValidationError) -> str:
             lines.append(f"unknown key '{key}'{hint}")
         else:
             got = e.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-            lines.append(f"invalid value for '{key}': {e['msg']}{got_s}")
+            msg = e["msg"]
+            for prefix in _PYDANTIC_PREFIXES:
+                msg = msg.removeprefix(prefix)
+            shown = isinstance(got, (dict, list)) or repr(got) in msg or str(got) in msg
+            got_s = "" if shown else f" (got {got!r})"
+            lines.append(f"invalid value for '{key}': {msg}{got_s}" if key else f"invalid config: {msg}")
     return "; ".join(lines)
 
 
-def _check_kwargs(section: str, extras: dict, fn, skip: tuple = ()) -> None:
-    params = inspect.signature(fn).parameters
+# Arguments a sampler factory fills from its SourceContext, or a loss-transform factory from the run.
+_CONTEXT_ARGS = ("ctx", "num_samples", "batch_size", "seed", "rank", "world_size", "self")
+
+
+def _options_of(fn, skip: tuple = (), through_return: bool = False) -> dict[str, Any] | None:
+    """``{name: default}`` of the keyword options of a builder (``inspect.Parameter.empty`` when required).
+
+    With ``through_return``, a factory that forwards ``**options`` to the class it returns
+    (``-> EpochSampler``; sampler and loss-transform factories) is read through that class's constructor.
+    None when the options cannot be enumerated.
+    """
+    params = dict(inspect.signature(fn).parameters)
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        if not through_return:
+            return None
+        try:
+            target = typing.get_type_hints(fn).get("return")
+        except Exception:  # noqa: BLE001 - unresolvable annotations: options unknown
+            target = None
+        if not isinstance(target, type):
+            return None
+        inner = inspect.signature(target.__init__).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in inner.values()):
+            return None
+        params = {k: v for k, v in params.items() if v.kind != v.VAR_KEYWORD}
+        params.update(inner)
+        skip = tuple(skip) + _CONTEXT_ARGS
+    return {k: p.default for k, p in params.items()
+            if k not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _check_kwargs(section: str, extras: dict, fn, skip: tuple = (), through_return: bool = False) -> None:
+    options = _options_of(fn, skip, through_return)
+    if options is None:
         return
-    valid = [p for p in params if p not in skip]
+    valid = list(options)
     for k in extras:
         if k not in valid:
             close = difflib.get_close_matches(k, valid, n=1)
@@ -278,7 +354,8 @@ def _check_semantics(cfg: Config) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"sampler.name: unknown sampler {cfg.sampler.name!r}{hint}; "
                           f"known: {', '.join(sampling.names())}")
-    _check_kwargs("sampler", cfg.sampler.extras(), sampling_base._REGISTRY[cfg.sampler.name], skip=("ctx",))
+    _check_kwargs("sampler", cfg.sampler.extras(), sampling_base._REGISTRY[cfg.sampler.name], skip=("ctx",),
+                  through_return=True)
     from ..regularize import base as reg_base
 
     for key, opts in cfg.loss.extras().items():
@@ -291,12 +368,58 @@ def _check_semantics(cfg: Config) -> None:
             continue
         if not isinstance(opts, dict):
             raise ConfigError(f"invalid value for 'loss.{key}': expected a mapping of options, got {opts!r}")
-        _check_kwargs(f"loss.{key}", opts, reg_base._TRANSFORMS[key], skip=("seed",))
+        _check_kwargs(f"loss.{key}", opts, reg_base._TRANSFORMS[key], skip=("seed",), through_return=True)
     if cfg.duration.unit == "seconds" and cfg.schedule.unit in ("steps", "epochs") and cfg.schedule.name in (
             "cosine", "poly"):
         raise ConfigError("schedule.unit: a run whose duration is in seconds has no known length in "
                           f"{cfg.schedule.unit}; use schedule.unit 'fraction' or 'seconds' for {cfg.schedule.name}")
     del models  # imported for its registrations
+
+
+def _plain(value) -> tuple[bool, Any]:
+    """``(ok, value)``: a builder default as plain YAML data (tuples become lists), if it has one."""
+    try:
+        return True, json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        return False, None
+
+
+def _fill_into(extras: dict, options: dict | None, skip: tuple = ()) -> None:
+    for k, default in (options or {}).items():
+        if k in extras or k in skip or default is inspect.Parameter.empty:
+            continue
+        ok, plain = _plain(default)
+        if ok:
+            extras[k] = plain
+
+
+def _fill_builder_defaults(cfg: Config) -> None:
+    """Write the builders' own defaults into the open sections, so the resolved config lists every value used.
+
+    Builders receive exactly these keywords, so filling them changes nothing about the run; it makes
+    ``config.yaml`` say which dataset size, model width or sampler option a run actually had.
+    """
+    from .. import data  # noqa: F401 - registrations
+    from ..data.datasets import _builder
+    from ..models import registry as model_registry
+    from ..regularize import base as reg_base
+    from ..sampling import base as sampling_base
+
+    sections = (
+        (cfg.data, _options_of(_builder(cfg.data.name)), tuple(DataConfig.model_fields)),
+        (cfg.model, _options_of(model_registry._entry(cfg.model.name).builder, ("num_classes",)),
+         tuple(ModelConfig.model_fields)),
+        (cfg.sampler, _options_of(sampling_base._REGISTRY[cfg.sampler.name], ("ctx",), through_return=True),
+         tuple(SamplerConfig.model_fields)),
+    )
+    for section, options, fields in sections:
+        extras = section.__pydantic_extra__
+        if extras is not None:
+            _fill_into(extras, options, fields)
+    loss_extras = cfg.loss.__pydantic_extra__ or {}
+    for key, opts in loss_extras.items():
+        if isinstance(opts, dict):
+            _fill_into(opts, _options_of(reg_base._TRANSFORMS[key], ("seed",), through_return=True))
 
 
 def _coerce_scalar(text: str):
@@ -316,8 +439,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is not a section")
-        node[parts[-1]] = _coerce_scalar(value)
+        set_merged(node, parts[-1], _coerce_scalar(value))
     return out
+
+
+def set_merged(node: dict, key: str, value) -> None:
+    """``node[key] = value``, except that a mapping merges key by key into an existing mapping there.
+
+    So ``sampler={name: srs}`` changes the sampler's name and keeps its batch size; to drop a key,
+    override it explicitly.
+    """
+    old = node.get(key)
+    if isinstance(value, dict) and isinstance(old, dict):
+        merged = copy.deepcopy(old)
+        for k, v in value.items():
+            set_merged(merged, k, v)
+        node[key] = merged
+    else:
+        node[key] = copy.deepcopy(value)
 
 
 def read_raw_config(source) -> dict:
@@ -329,6 +468,10 @@ def read_raw_config(source) -> dict:
     if isinstance(source, dict):
         return copy.deepcopy(source)
     path = Path(source)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f" (it holds {', '.join(inside)}{', ...' if len(inside) == 5 else ''})" if inside else ""
+        raise ConfigError(f"{path} is a directory, not a config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -348,8 +491,9 @@ def load_config(source=None, overrides: list[str] | None = None) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e)) from None
+        raise ConfigError(_format_validation(e, raw)) from None
     _check_semantics(cfg)
+    _fill_builder_defaults(cfg)
     return cfg
 
 
@@ -358,3 +502,28 @@ def config_to_dict(cfg: Config) -> dict:
     d = cfg.model_dump(mode="json")
     d["duration"] = str(cfg.duration)
     return d
+
+
+def dry_build(cfg: Config) -> None:
+    """Build ``cfg``'s model (on the meta device, no memory) and its sampler (on a stand-in dataset size).
+
+    Option *values* that only the builders check (a WRN depth that is not 6n+4, an unknown SRS order)
+    become a :class:`ConfigError` now, before a sweep starts any trial, instead of failing each trial.
+    """
+    import torch
+
+    from .. import models, sampling
+
+    num_classes = 100 if cfg.data.name == "cifar100" else 10
+    try:
+        with torch.device("meta"):
+            model = models.create(cfg.model.name, num_classes=num_classes, **cfg.model.extras())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model ({cfg.model.name}, options {cfg.model.extras()}): {e}") from None
+    n = max(50_000, 10 * cfg.sampler.batch_size)
+    ctx = sampling.SourceContext(num_samples=n, batch_size=cfg.sampler.batch_size, seed=cfg.seed, model=model,
+                                 loss=cfg.loss.name)
+    try:
+        sampling.create(cfg.sampler.name, ctx, **cfg.sampler.extras())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampler ({cfg.sampler.name}, options {cfg.sampler.extras()}): {e}") from None

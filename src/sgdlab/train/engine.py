@@ -315,12 +315,28 @@ def _progress(enabled: bool, total: float, unit: str):
     return Progress(*cols, transient=False)
 
 
+# Models below this many parameters train fastest, and at a stable speed, on one CPU thread: their
+# kernels are too small to split, and on a shared machine extra threads wait for busy cores
+# (docs/engine.md, "CPU threads"; measured with benchmarks/threads.py).
+AUTO_THREADS_MIN_PARAMS = 2_000_000
+AUTO_THREADS_MAX = 8
+
+
+def auto_threads(num_params: int, cores: int | None = None) -> int:
+    """The torch thread count of ``threads: auto``: 1 below :data:`AUTO_THREADS_MIN_PARAMS` parameters,
+    else ``min(cores, AUTO_THREADS_MAX)``."""
+    if num_params < AUTO_THREADS_MIN_PARAMS:
+        return 1
+    return max(1, min(cores or os.cpu_count() or 1, AUTO_THREADS_MAX))
+
+
 def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: bool = False,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, threads: int | None = None) -> dict:
     """Train as ``config`` says (a YAML path, dict or :class:`Config`) into ``out_dir``; return the summary.
 
     With ``resume=True`` an existing run directory continues from ``checkpoints/last.pt`` to its
-    configured end (the directory's own ``config.yaml`` is used).
+    configured end (the directory's own ``config.yaml`` is used). ``threads`` (torch CPU threads)
+    overrides the config's ``threads`` key for this call; the previous thread count is restored at the end.
     """
     if resume:
         run_dir = Path(out_dir)
@@ -331,21 +347,23 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
         cfg = load_config(config, overrides)
         run_dir = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     dist = _setup_distributed(cfg.device)
+    previous_threads = torch.get_num_threads()
     try:
-        return _Run(cfg, run_dir, dist, resume=resume, quiet=quiet).train()
+        return _Run(cfg, run_dir, dist, resume=resume, quiet=quiet, threads=threads).train()
     finally:
+        torch.set_num_threads(previous_threads)
         if dist.owned:
             torch.distributed.destroy_process_group()
 
 
-def resume(run_dir, *, quiet: bool = False) -> dict:
+def resume(run_dir, *, quiet: bool = False, threads: int | None = None) -> dict:
     """Continue the interrupted run in ``run_dir`` to its configured end; return the summary."""
     summary = Path(run_dir) / "summary.json"
     if summary.is_file():
         done = json.loads(summary.read_text())
         if done.get("status") == "completed":
             return done
-    return run(None, run_dir, resume=True, quiet=quiet)
+    return run(None, run_dir, resume=True, quiet=quiet, threads=threads)
 
 
 def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
@@ -360,7 +378,8 @@ def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
 
 
 class _Run:
-    def __init__(self, cfg: Config, run_dir: Path, dist: _Dist, *, resume: bool, quiet: bool):
+    def __init__(self, cfg: Config, run_dir: Path, dist: _Dist, *, resume: bool, quiet: bool,
+                 threads: int | None = None):
         self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist, quiet
         self.device = resolve_device(cfg.device, dist.local_rank)
         ckpt_path = run_dir / CHECKPOINT
@@ -393,6 +412,9 @@ class _Run:
         self.fill = fill
 
         model = build_model(cfg, ds.num_classes)
+        wanted = threads if threads is not None else cfg.threads
+        self.threads = auto_threads(sum(p.numel() for p in model.parameters())) if wanted == "auto" else int(wanted)
+        torch.set_num_threads(self.threads)
         if cfg.checkpoint.init_from and self.ckpt is None:
             loaded, skipped = _load_weights(model, cfg.checkpoint.init_from)
             self._say(f"initialised {loaded} tensors from {cfg.checkpoint.init_from} ({skipped} kept fresh)")
@@ -597,7 +619,7 @@ class _Run:
             "wall_time": self.elapsed, "final": last_eval or {},
             "best": {"test_acc": self.best["test_acc"], "test_loss": self.best["test_loss"],
                      "step": self.best["step"]},
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "threads": self.threads,
         }
         if message:
             s["message"] = message
