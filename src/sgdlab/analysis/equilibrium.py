@@ -1,5 +1,5 @@
 """Which minimum SGD settles in, under isotropic gradient noise (Jastrzebski et al. 2017, "Three factors
-influencing minima in SGD"; lecture notes papers/004 section 5.3).
+influencing minima in SGD"; the lecture notes "Towards Understanding SGD" section 5.3).
 
 With ``F(w) = s^2 I`` the SDE's equilibrium is ``P(w) = P_0 exp(-2 L(w) / ((lr/B) s^2))`` (eq. 25), and the
 probability of ending in the basin of minimum ``A`` is taken, as in the lecture's eq. 26, proportional to
@@ -36,7 +36,7 @@ def _check(lr: float, batch_size: float, noise_variance: float) -> float:
 def log_minimum_weight(
     loss: float, logdet: float, *, lr: float, batch_size: float, noise_variance: float = 1.0
 ) -> float:
-    """Unnormalised log-probability of a minimum: ``-logdet(H)/2 - L / ((lr/B) s^2)`` (papers/004 eq. 26)."""
+    """Unnormalised log-probability of a minimum: ``-logdet(H)/2 - L / ((lr/B) s^2)`` (the lecture notes "Towards Understanding SGD" eq. 26)."""
     temp = _check(lr, batch_size, noise_variance)
     return float(-0.5 * logdet - loss / temp)
 
@@ -49,7 +49,7 @@ def relative_minimum_probability(
     batch_size: float,
     noise_variance: float = 1.0,
 ) -> np.ndarray:
-    """Normalised probabilities of ending in each of several minima (papers/004 eq. 26).
+    """Normalised probabilities of ending in each of several minima (the lecture notes "Towards Understanding SGD" eq. 26).
 
     ``losses[i]`` and ``logdets[i]`` (``log det H_i``) describe minimum ``i``; the weights
     ``det(H_i)^(-1/2) exp(-L_i / ((lr/B) s^2))`` are normalised to sum to one (a stable softmax in logs).
@@ -78,7 +78,7 @@ def log_probability_ratio(
     batch_size: float,
     noise_variance: float = 1.0,
 ) -> float:
-    """``log(P(A) / P(B)) = -(logdet_A - logdet_B)/2 - (L_A - L_B) / ((lr/B) s^2)`` (papers/004 eq. 26)."""
+    """``log(P(A) / P(B)) = -(logdet_A - logdet_B)/2 - (L_A - L_B) / ((lr/B) s^2)`` (the lecture notes "Towards Understanding SGD" eq. 26)."""
     temp = _check(lr, batch_size, noise_variance)
     return float(-0.5 * (logdet_a - logdet_b) - (loss_a - loss_b) / temp)
 

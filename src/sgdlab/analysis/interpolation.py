@@ -1,4 +1,4 @@
-"""Loss and accuracy along a path between two solutions (papers/004 section 3.2, Fig. 5; Keskar et al. 2017).
+"""Loss and accuracy along a path between two solutions (the lecture notes "Towards Understanding SGD" section 3.2, Fig. 5; Keskar et al. 2017).
 
 ``curve="linear"``: ``theta(alpha) = alpha * theta_b + (1 - alpha) * theta_a`` -- the lecture's
 ``f(alpha x_l + (1 - alpha) x_s)`` with ``model_a = x_s`` (small batch) and ``model_b = x_l`` (large batch).
@@ -65,7 +65,7 @@ def interpolate(
 ) -> list[dict]:
     """Evaluate the model at ``theta(alpha)`` between ``model_a`` (alpha 0) and ``model_b`` (alpha 1).
 
-    Implements the parametric plots of papers/004 section 3.2 (Fig. 5). Parameters *and* floating-point
+    Implements the parametric plots of the lecture notes "Towards Understanding SGD" section 3.2 (Fig. 5). Parameters *and* floating-point
     buffers (BatchNorm running mean/var) are interpolated; integer buffers (``num_batches_tracked``) and
     floating buffers equal in both models (constants) are kept from ``model_a``; running variances are
     clamped at zero when extrapolating. ``alphas`` defaults to

@@ -1,9 +1,9 @@
 """Figures for the diagnostics (matplotlib, no pyplot state: figures are returned and optionally saved).
 
 - :func:`plot_interpolation`: loss (left axis) and accuracy (right axis) against alpha for train and
-  test, in the style of the lecture's Fig. 5 (papers/004; Keskar et al. 2017 Fig. 3).
+  test, in the style of the lecture's Fig. 5 (lecture notes "Towards Understanding SGD"; Keskar et al. 2017 Fig. 3).
 - :func:`plot_spectral_density`: the stochastic-Lanczos-quadrature Hessian eigenvalue density.
-- :func:`plot_sharpness_vs_batch`: accuracy and sharpness against batch size (papers/004 Fig. 7).
+- :func:`plot_sharpness_vs_batch`: accuracy and sharpness against batch size (the lecture notes "Towards Understanding SGD" Fig. 7).
 """
 
 from __future__ import annotations

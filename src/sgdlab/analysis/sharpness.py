@@ -1,4 +1,4 @@
-"""Keskar et al.'s (C_eps, A)-sharpness (lecture notes "Towards Understanding SGD", papers/004, Definition 2).
+"""Keskar et al.'s (C_eps, A)-sharpness (lecture notes "Towards Understanding SGD", Definition 2).
 
     phi_{x,f}(eps, A) = (max_{y in C_eps} f(x + A y) - f(x)) / (1 + f(x)) * 100            (eq. 2)
     C_eps = { z in R^p : |z_i| <= eps (|(A^+ x)_i| + 1) }                                     (eq. 3)
@@ -52,7 +52,7 @@ def keskar_sharpness(
     seed: int = 0,
     return_info: bool = False,
 ) -> float | tuple[float, dict]:
-    """(C_eps, A)-sharpness of ``f`` at ``x`` (papers/004 eqs. 2-3; Keskar et al. 2017, section 2.2.2).
+    """(C_eps, A)-sharpness of ``f`` at ``x`` (the lecture notes "Towards Understanding SGD" eqs. 2-3; Keskar et al. 2017, section 2.2.2).
 
     ``f`` maps a flat float64 tensor of length ``n`` to a scalar; if its output carries autograd history
     the gradient is taken by autograd, otherwise scipy uses finite differences. ``A`` is ``None`` (the
@@ -163,7 +163,7 @@ def model_sharpness(
     dtype: torch.dtype | None = torch.float64,
     return_info: bool = False,
 ) -> float | tuple[float, dict]:
-    """Keskar sharpness of the mean data loss of ``model`` at its current parameters (papers/004 eq. 2).
+    """Keskar sharpness of the mean data loss of ``model`` at its current parameters (the lecture notes "Towards Understanding SGD" eq. 2).
 
     ``x`` is the flat vector of all trainable parameters; ``f(x)`` the mean of ``loss_fn`` over ``data``
     (batches weighted by size) in eval mode. ``subspace_dim=None`` (default) maximises over the full

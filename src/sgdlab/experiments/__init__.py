@@ -1,9 +1,18 @@
 """Experiments: sweeps over configs x seeds, aggregation with bootstrap intervals, reports, and the
 studies that test the papers' claims (``sgdlab sweep``, ``sgdlab report``, ``sgdlab study``)."""
 
-from .aggregate import Difference, Stats, bootstrap_ci, bootstrap_difference, load_trials, summarize
-from .sweep import Point, parse_grid, run_sweep, trial_name
-from .verdict import Verdict, decide, decide_equivalence
+import importlib
+
+# Every name loads its module on first use (PEP 562): the CLI builds its parser from this package, and
+# scipy (aggregate), torch (sweep) and matplotlib (report) should not load for `sgdlab --help`.
+_LAZY = {
+    **dict.fromkeys(("Difference", "Stats", "bootstrap_ci", "bootstrap_difference", "load_trials", "summarize"),
+                    "aggregate"),
+    **dict.fromkeys(("Point", "parse_grid", "run_sweep", "trial_name"), "sweep"),
+    **dict.fromkeys(("Verdict", "decide", "decide_equivalence"), "verdict"),
+    "write_report": "report",
+    **dict.fromkeys(("run_study", "STUDIES"), "studies"),
+}
 
 __all__ = [
     "STUDIES",
@@ -25,13 +34,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # the report and studies pull in matplotlib: load them on first use
-    if name == "write_report":
-        from .report import write_report
-
-        return write_report
-    if name in ("run_study", "STUDIES"):
-        from . import studies
-
-        return getattr(studies, name)
-    raise AttributeError(name)
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

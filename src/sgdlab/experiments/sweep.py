@@ -175,8 +175,11 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
                 set_dotted(raw, k, v)
             raw["seed"] = s
             set_dotted(raw, "log.progress", False)
-            loaded = load_config(raw)
-            dry_build(loaded)
+            try:
+                loaded = load_config(raw)
+                dry_build(loaded)
+            except ConfigError as e:
+                raise ConfigError(f"trial {name}: {e}") from None
             cfg = config_to_dict(loaded)
             trials.append(Trial(name, p.name(), dict(p.overrides), s, cfg))
     return base, trials
