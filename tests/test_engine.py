@@ -239,9 +239,8 @@ def test_resume_on_another_thread_count_says_so(tmp_path, capsys):
     cfg["duration"] = "40 steps"
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     (d / "summary.json").unlink()
-    torch.set_num_threads(2)
-    try:
-        train.resume(d)
-    finally:
-        torch.set_num_threads(1)
+    # the run's own setting (threads: auto, one thread for this small model) would resume on 1 thread,
+    # so ask for 2 explicitly, as `sgdlab resume --threads 2` does
+    train.resume(d, threads=2)
     assert "trained on 1 torch thread(s) and resumes on 2" in capsys.readouterr().out
+    assert torch.get_num_threads() == 1  # the caller's setting is restored
