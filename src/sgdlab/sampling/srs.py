@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import Batch, register
-from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _resolve
+from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options
 
 __all__ = ["SequencedReplacementSampler"]
 
@@ -60,30 +60,38 @@ class SequencedReplacementSampler(_BlindSampler):
     ``DistributedSampler``-style loops and has no effect: SRS has no epochs.
     """
 
+    _LAZY = _BlindSampler._LAZY | {"_seq_ext", "_pool"}
+
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, order: str = "random",
                  rank: int | None = None, world_size: int | None = None):
-        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
+        self._init_ranks(num_samples, batch_size, rank, world_size)
         self.seed = _check_seed(seed)
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, _ORDERS))}, got {order!r}")
         self.order = order
-        self._len = max(1, math.floor(num_samples / self.global_batch + 0.5))
+        self._cursor = 0
+        self._steps = 0
+        if not self._pending:
+            self._materialize()
+
+    def _build(self) -> None:
+        n = self.num_samples
+        self._len = max(1, math.floor(n / self.global_batch + 0.5))
         self._gen = torch.Generator()
         self._gen.manual_seed(self.seed & _MASK63)
-        if order == "random":
-            sequence = torch.randperm(num_samples, generator=self._gen)
+        if self.order == "random":
+            sequence = torch.randperm(n, generator=self._gen)
         else:
-            sequence = torch.arange(num_samples)
+            sequence = torch.arange(n)
         # The sequence followed by its first G entries: every refill window is one contiguous slice.
         self._seq_ext = torch.cat([sequence, sequence[: self.global_batch]]).numpy()
         self._pool = sequence.numpy().copy()  # the pool initially holds every example once
-        self._cursor = 0
-        self._steps = 0
-        self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
-        self._lo = self.rank * batch_size
-        self._hi = self._lo + batch_size
+        self._draws = _DistinctSlots(n, self.global_batch, self._gen)
+        self._lo = self.rank * self.batch_size
+        self._hi = self._lo + self.batch_size
+
+    def _init_kwargs(self) -> dict:
+        return {"seed": self.seed, "order": self.order}
 
     def __len__(self) -> int:
         return self._len
@@ -114,16 +122,20 @@ class SequencedReplacementSampler(_BlindSampler):
 
     def next_batch(self) -> Batch:
         """This rank's share of the next SRS global batch (the global batch may repeat an example)."""
+        if self._unchecked:
+            self._check_group()
         batch = self._step(self._draws.next())
         if self.world_size > 1:
             batch = batch[self._lo:self._hi]
         return Batch(torch.from_numpy(batch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        """``len(self)`` batches as lists of indices (one effective epoch); the next pass continues."""
+        """The rest of the current effective epoch (``len(self)`` batches from a boundary) as lists of
+        indices; the next pass continues the stream."""
+        self._start_pass()
         draws, step = self._draws, self._step
         lo, hi, whole = self._lo, self._hi, self.world_size == 1
-        for _ in range(self._len):
+        for _ in range(self._rest_of_epoch()):
             batch = step(draws.next())
             yield batch.tolist() if whole else batch[lo:hi].tolist()
 
@@ -161,6 +173,8 @@ class SequencedReplacementSampler(_BlindSampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
         from a sampler of another kind, size, batch or seed."""
+        if self._alone:
+            self._check_group()
         _check_state(state, "srs", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                     "seed": self.seed, "order": self.order})
         pool = state["pool"]

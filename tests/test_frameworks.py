@@ -1,0 +1,41 @@
+"""sgdlab inside other training stacks: torchrun, StatefulDataLoader, Lightning, Accelerate, torch.compile.
+
+Multi-process cases run 2 CPU processes (gloo) launched with ``python -m torch.distributed.run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent / "frameworks"
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _torchrun(script: Path, *args, timeout: int = 300) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_sampler_built_before_the_process_group_slices_or_raises(tmp_path):
+    _torchrun(HERE / "prebuilt.py", tmp_path)
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out["slices"] == [True, True, True]  # lazily resolved: this rank's slice of one global batch
+        for msg in out["raised"] + out["iter_raised"] + [out["importance"]]:
+            assert "before torch.distributed was initialized" in msg and "2 ranks" in msg
+            assert "\n" not in msg
