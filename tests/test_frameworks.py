@@ -39,3 +39,37 @@ def test_sampler_built_before_the_process_group_slices_or_raises(tmp_path):
         for msg in out["raised"] + out["iter_raised"] + [out["importance"]]:
             assert "before torch.distributed was initialized" in msg and "2 ranks" in msg
             assert "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["EpochSampler", "ReplacementSampler", "SequencedReplacementSampler"])
+def test_stateful_dataloader_with_workers_resumes_exactly(name):
+    tdl = pytest.importorskip("torchdata.stateful_dataloader")
+    import sgdlab.sampling as sampling
+
+    cls = getattr(sampling, name)
+    n, b, epochs, stop = 40, 8, 3, 7  # len 5: the checkpoint falls in the second epoch
+    data = torch.utils.data.TensorDataset(torch.arange(n))
+
+    def loader(sampler):
+        return tdl.StatefulDataLoader(data, batch_sampler=sampler, num_workers=2)
+
+    unbroken = loader(cls(n, b, seed=2))
+    ref = [[x[0].tolist() for x in unbroken] for _ in range(epochs)]
+    first = loader(cls(n, b, seed=2))
+    got, state = [], None
+    for _ in range(epochs):
+        epoch = []
+        for x in first:
+            epoch.append(x[0].tolist())
+            if sum(map(len, got)) + len(epoch) == stop:
+                state = first.state_dict()
+                break
+        got.append(epoch)
+        if state is not None:
+            break
+    resumed = loader(cls(n, b, seed=2))
+    resumed.load_state_dict(state)
+    got[-1] += [x[0].tolist() for x in resumed]  # the rest of the interrupted epoch
+    while len(got) < epochs:
+        got.append([x[0].tolist() for x in resumed])
+    assert got == ref

@@ -332,3 +332,33 @@ def test_ranks_resolve_at_first_use_without_a_process_group(cls):
     assert len(s) == len(cls(40, 4, seed=1, rank=0, world_size=1))
     assert (s.rank, s.world_size) == (0, 1) and not s.__dict__["_pending"]
     assert _draw(s, 3) == _draw(cls(40, 4, seed=1, rank=0, world_size=1), 3)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("stop", [5, 9])
+def test_loader_position_resumes_a_reading_ahead_loader_exactly(cls, stop):
+    from sgdlab.sampling import LoaderPosition
+
+    n, b = 48, 8  # len 6: stop 5 is mid-epoch, 9 mid-way through the second
+    data = torch.utils.data.TensorDataset(torch.arange(n))
+
+    def loader(sampler):  # two workers read 4 batches ahead
+        return torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
+
+    unbroken = cls(n, b, seed=1)
+    ref = [batch[0].tolist() for _ in range(3) for batch in loader(unbroken)]
+    sampler = cls(n, b, seed=1)
+    pos, got, dl = LoaderPosition(sampler), [], loader(sampler)
+    while len(got) < stop:
+        for batch in dl:
+            got.append(batch[0].tolist())
+            pos.advance()
+            if len(got) == stop:
+                break
+    saved = _roundtrip(pos.state_dict())
+    again = cls(n, b, seed=1)
+    LoaderPosition(again).load_state_dict(saved)
+    dl = loader(again)
+    while len(got) < len(ref):
+        got += [batch[0].tolist() for batch in dl]
+    assert got == ref

@@ -120,6 +120,10 @@ class SequencedReplacementSampler(_BlindSampler):
         self._steps += 1
         return batch
 
+    def _next_indices(self) -> np.ndarray:
+        batch = self._step(self._draws.next())
+        return batch[self._lo:self._hi] if self.world_size > 1 else batch
+
     def next_batch(self) -> Batch:
         """This rank's share of the next SRS global batch (the global batch may repeat an example)."""
         if self._unchecked:
