@@ -128,3 +128,65 @@ def test_fullgraph_compile_of_shake_and_random_gradient_with_generators():
 @pytest.mark.slow
 def test_fullgraph_compile_inductor_of_shake_and_random_gradient():
     _compiled_matches_eager("inductor")  # a minute on a small CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data and model in the engine and the CLI
+# ---------------------------------------------------------------------------------------------
+
+PLUGIN = '''
+import torch
+from sgdlab import data, models
+
+
+@data.register("byo_blobs")
+def byo_blobs(num_train: int = 96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_train + 32, 1, 6, 6, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    return data.Dataset("byo_blobs", x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes=2)
+
+
+@models.register("byo_mlp", input_shape=(36,), num_classes=2)
+def byo_mlp(num_classes: int = 2, in_features: int = 36, hidden: int = 16):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, num_classes))
+'''
+
+
+def test_models_get_the_data_shape():
+    from sgdlab import models
+
+    assert models.shape_kwargs("mlp", (1, 28, 28)) == {"in_features": 784}
+    assert models.shape_kwargs("cnn2d", (3, 32, 32)) == {"in_channels": 3, "size": 32}
+    assert models.shape_kwargs("wrn28_2", (3, 32, 32)) == {}
+    net = models.create("mlp", num_classes=3, input_shape=(1, 28, 28))
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+    explicit = models.create("mlp", num_classes=3, input_shape=(1, 28, 28), in_features=40)
+    assert explicit.net[0].in_features == 40  # a value the config sets wins
+
+
+def test_user_registrations_through_imports_survive_resume(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from sgdlab import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "byo_plugin.py").write_text(PLUGIN)
+    (tmp_path / "byo.yaml").write_text(yaml.safe_dump({
+        "data": {"name": "byo_blobs"}, "model": {"name": "byo_mlp"}, "sampler": {"name": "srs", "batch_size": 8},
+        "optim": {"lr": 0.1}, "duration": "8 steps", "eval": {"every": 0}, "checkpoint": {"every": 4},
+        "log": {"every": 2, "progress": False}}))
+    assert cli.main(["run", "byo.yaml", "--import", "byo_plugin", "--out", "run", "--quiet"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["imports"] == ["byo_plugin"]
+    # lengthen the finished run and resume it in a fresh process that was told nothing about the plugin
+    saved["duration"] = "12 steps"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    (tmp_path / "run" / "summary.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "sgdlab.cli", "resume", "run", "--quiet"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 12
+    assert cli.main(["check", "byo.yaml", "--import=no_such_plugin"]) == 2
+    assert "cannot import 'no_such_plugin'" in capsys.readouterr().err

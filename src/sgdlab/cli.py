@@ -107,9 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--import MODULE`` / ``--import=MODULE`` (anywhere on the line) from the other arguments."""
+    rest, modules, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--import" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--import="):
+            modules.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, modules
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        help="import MODULE first (your data.register / models.register code); repeatable, "
+                             "accepted anywhere on the line and recorded in the run's config")
+    argv, modules = _take_imports(list(sys.argv[1:] if argv is None else argv))
+    if modules:
+        from .train.config import add_cli_imports
+
+        try:
+            add_cli_imports(modules)
+        except SgdlabError as e:
+            print(f"sgdlab: error: {e}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     # `sgdlab run key=value ...` without a config file: the first key=value is an override too.
     if getattr(args, "command", None) == "run" and args.config and "=" in args.config \
             and not Path(args.config).exists():
