@@ -190,3 +190,86 @@ def test_user_registrations_through_imports_survive_resume(tmp_path, monkeypatch
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 12
     assert cli.main(["check", "byo.yaml", "--import=no_such_plugin"]) == 2
     assert "cannot import 'no_such_plugin'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning and Accelerate, 2 CPU processes, SRS, 2 workers: disjoint slices, exact mid-epoch resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_ddp_run(out: Path) -> None:
+    """Both ranks trained disjoint halves of one global SRS batch per step, and the run resumed from its
+    step-12 checkpoint (mid-epoch: 8 steps per effective epoch) trained the same batches to the same
+    weights, bit for bit."""
+    from sgdlab.sampling import SequencedReplacementSampler
+
+    full = [json.loads((out / f"full-rank{r}.json").read_text()) for r in (0, 1)]
+    resumed = [json.loads((out / f"resumed-rank{r}.json").read_text()) for r in (0, 1)]
+    one = SequencedReplacementSampler(64, 8, seed=5, rank=0, world_size=1)  # the global batches
+    glob = [one.next_batch().indices.tolist() for _ in range(20)]
+    assert [s for s, _ in full[0]] == list(range(20))
+    assert [full[0][i][1] + full[1][i][1] for i in range(20)] == glob
+    assert [s for s, _ in resumed[0]] == list(range(12, 20))
+    assert [resumed[r][i][1] for r in (0, 1) for i in range(8)] == [full[r][12 + i][1] for r in (0, 1) for i in range(8)]
+    a, b = torch.load(out / "full.pt", weights_only=True), torch.load(out / "resumed.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_srs_disjoint_slices_and_exact_resume_with_workers(tmp_path):
+    pytest.importorskip("lightning")
+    proc = subprocess.run([sys.executable, str(HERE / "lightning_ddp.py"), str(tmp_path)], env=_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_ddp_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerate_torchrun_srs_disjoint_slices_and_exact_resume_with_workers(tmp_path):
+    pytest.importorskip("accelerate")
+    _torchrun(HERE / "accelerate_ddp.py", tmp_path, timeout=600)
+    _check_ddp_run(tmp_path)
+
+
+def test_lightning_callback_resumes_mid_epoch_exactly(tmp_path):
+    """One process: Lightning's fetcher reads a batch ahead, so the sampler's own state would be a step
+    ahead of training; the callback's checkpoint resumes at the next untrained batch."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from sgdlab.integrations.lightning import SamplerCheckpoint
+    from sgdlab.sampling import EpochSampler
+
+    data = torch.utils.data.TensorDataset(torch.arange(40), torch.randn(40, 3, generator=torch.Generator().manual_seed(0)))
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.seen = torch.nn.Linear(3, 1), []
+
+        def setup(self, stage):
+            self.sampler = EpochSampler(40, 8, seed=1)  # 5 steps per epoch
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_sampler=self.sampler)
+
+        def training_step(self, batch, i):
+            self.seen.append(batch[0].tolist())
+            return self.net(batch[1]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(steps, ckpt=None):
+        pl.seed_everything(0)
+        m = M()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=[SamplerCheckpoint()],
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer.fit(m, ckpt_path=ckpt)
+        return trainer, m
+
+    _, full = fit(12)
+    part_trainer, _ = fit(7)  # stops in the second epoch
+    part_trainer.save_checkpoint(tmp_path / "part.ckpt")
+    _, rest = fit(12, tmp_path / "part.ckpt")
+    assert rest.seen == full.seen[7:]
+    assert torch.equal(rest.net.weight, full.net.weight)
