@@ -13,32 +13,34 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch.library import custom_op
 
 __all__ = ["uniform"]
 
 _GENERATORS: dict[int, torch.Generator] = {}
 
 
-# Tagged as a seeded random op: graph passes then neither merge two identical draws (CSE) nor recompute
-# one in the backward pass, either of which would change the numbers or advance the generator twice.
-@custom_op("sgdlab::uniform", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _uniform_op(like: torch.Tensor, key: int, shape: list[int], double: bool) -> torch.Tensor:
-    generator = _GENERATORS.get(key)
-    if generator is None:
-        # First run of a freshly traced graph: the registration below is a traced side effect that dynamo
-        # replays only after the graph has run.  ``key`` is the generator's id(), which dynamo specialised on
-        # and guards (ID_MATCH), so the graph only runs while that very generator object is alive and passed.
-        generator = ctypes.cast(key, ctypes.py_object).value
-        if not isinstance(generator, torch.Generator):  # pragma: no cover - defensive
-            raise RuntimeError("sgdlab.regularize: lost the generator of a compiled random draw")
-    return torch.rand(shape, generator=generator, device=like.device,
-                      dtype=torch.float64 if double else torch.float32)
+_HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4; older versions break the graph instead
 
+if _HAVE_CUSTOM_OP:
+    # Tagged as a seeded random op: graph passes then neither merge two identical draws (CSE) nor recompute
+    # one in the backward pass, either of which would change the numbers or advance the generator twice.
+    @torch.library.custom_op("sgdlab::uniform", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+    def _uniform_op(like: torch.Tensor, key: int, shape: list[int], double: bool) -> torch.Tensor:
+        generator = _GENERATORS.get(key)
+        if generator is None:
+            # First run of a freshly traced graph: the registration below is a traced side effect that
+            # dynamo replays only after the graph has run.  ``key`` is the generator's id(), which dynamo
+            # specialised on and guards (ID_MATCH), so the graph only runs while that very generator object
+            # is alive and passed in.
+            generator = ctypes.cast(key, ctypes.py_object).value
+            if not isinstance(generator, torch.Generator):  # pragma: no cover - defensive
+                raise RuntimeError("sgdlab.regularize: lost the generator of a compiled random draw")
+        return torch.rand(shape, generator=generator, device=like.device,
+                          dtype=torch.float64 if double else torch.float32)
 
-@_uniform_op.register_fake
-def _(like, key, shape, double):
-    return like.new_empty(shape, dtype=torch.float64 if double else torch.float32)
+    @_uniform_op.register_fake
+    def _(like, key, shape, double):
+        return like.new_empty(shape, dtype=torch.float64 if double else torch.float32)
 
 
 def _register(generator: torch.Generator) -> int:
@@ -52,6 +54,6 @@ def uniform(shape, generator: torch.Generator | None, *, like: torch.Tensor, dty
 
     ``like`` only gives the device (and orders the draw after the op that computed it in a compiled graph).
     """
-    if generator is None or not torch.compiler.is_compiling():
+    if generator is None or not _HAVE_CUSTOM_OP or not torch.compiler.is_compiling():
         return torch.rand(shape, generator=generator, device=like.device, dtype=dtype)
     return _uniform_op(like.detach(), _register(generator), [int(s) for s in shape], dtype == torch.float64)

@@ -215,10 +215,6 @@ class _BlindSampler(Sampler):
     num_samples: int
     batch_size: int
     seed: int
-    rank: int
-    world_size: int
-    global_batch: int
-    _LAZY = frozenset({"rank", "world_size", "global_batch", "_len", "_lo", "_hi", "_draws", "_gen"})
 
     def _init_ranks(self, num_samples, batch_size, rank, world_size) -> None:
         """Store the size arguments; resolve the ranks now when possible, else at first use."""
@@ -227,7 +223,7 @@ class _BlindSampler(Sampler):
         self.batch_size = batch_size
         self._rank_arg, self._world_arg = rank, world_size
         self._alone = False       # resolved to one process while no group existed (auto ranks only)
-        self._unchecked = True    # the first next_batch checks the group once
+        self._unchecked = True    # the first next_batch resolves/checks once
         self._passes = 0          # number of iter() passes started (see sgdlab.sampling.LoaderPosition)
         self._pass_origin = None  # state_dict at the start of the current pass
         self._pending = (rank is None or world_size is None) and not group_initialized()
@@ -236,21 +232,47 @@ class _BlindSampler(Sampler):
         """Resolve ``rank``/``world_size`` and build the stream (called once, at construction or first use)."""
         self._pending = False
         auto = self._rank_arg is None or self._world_arg is None
-        self.rank, self.world_size, self.global_batch = _resolve(self.num_samples, self.batch_size,
-                                                                 self._rank_arg, self._world_arg)
-        self._alone = auto and self.world_size == 1 and not group_initialized()
+        self._rank, self._world_size, self._global_batch = _resolve(self.num_samples, self.batch_size,
+                                                                    self._rank_arg, self._world_arg)
+        self._alone = auto and self._world_size == 1 and not group_initialized()
         self._build()
 
     def _build(self) -> None:  # pragma: no cover - every sampler defines it
         raise NotImplementedError
 
-    def __getattr__(self, name):
-        # Only reached when normal lookup fails: the lazily resolved attributes before the first use.
-        d = self.__dict__
-        if name in type(self)._LAZY and d.get("_pending"):
+    # Lazily resolved: the hot paths read the private names, which exist once the sampler is resolved
+    # (next_batch resolves on its first call, iter() at the start of every pass).
+    @property
+    def rank(self) -> int:
+        """This process's rank (resolved from the process group at first use when not given)."""
+        if self._pending:
             self._materialize()
-            return getattr(self, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks sharing each global batch."""
+        if self._pending:
+            self._materialize()
+        return self._world_size
+
+    @property
+    def global_batch(self) -> int:
+        """``world_size * batch_size``: the indices drawn per step over all ranks."""
+        if self._pending:
+            self._materialize()
+        return self._global_batch
+
+    def __len__(self) -> int:
+        """Steps per (effective) epoch."""
+        if self._pending:
+            self._materialize()
+        return self._len
+
+    def _first_draw(self) -> None:
+        if self._pending:
+            self._materialize()
+        self._check_group()
 
     def _check_group(self) -> None:
         """Raise if this sampler settled on one process and a multi-rank group exists now."""
@@ -283,6 +305,8 @@ class _BlindSampler(Sampler):
 
     def _start_pass(self) -> None:
         """Bookkeeping at the start of an ``iter()`` pass: group check, pass count, origin state."""
+        if self._pending:
+            self._materialize()
         if self._alone:
             self._check_group()
         self._unchecked = False
@@ -371,9 +395,6 @@ class EpochSampler(_BlindSampler):
     def _init_kwargs(self) -> dict:
         return {"seed": self.seed, "drop_last": self.drop_last}
 
-    def __len__(self) -> int:
-        return self._len
-
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self._epoch:
             mixed = (self.seed * 0x9E3779B97F4A7C15 + self._epoch * 0xBF58476D1CE4E5B9 + 1) & _MASK63
@@ -387,24 +408,24 @@ class EpochSampler(_BlindSampler):
             self._epoch += 1
             self._step = 0
         perm = self._permutation()
-        g0 = self._step * self.global_batch
-        g1 = min(g0 + self.global_batch, self.num_samples)
+        g0 = self._step * self._global_batch
+        g1 = min(g0 + self._global_batch, self.num_samples)
         self._step += 1
-        if self.world_size == 1:
+        if self._world_size == 1:
             return perm[g0:g1].copy()
-        a, b = _split_bounds(g1 - g0, self.rank, self.world_size)
+        a, b = _split_bounds(g1 - g0, self._rank, self._world_size)
         return perm[g0 + a:g0 + b].copy()
 
     def next_batch(self) -> Batch:
         """This rank's share of the next global batch (continues into the next epoch when one ends)."""
         if self._unchecked:
-            self._check_group()
+            self._first_draw()
         return Batch(torch.from_numpy(self._next_indices()))
 
     def __iter__(self) -> Iterator[list[int]]:
         """The remaining batches of the current epoch as lists of indices (a full epoch from its start,
         the rest of the epoch after a mid-epoch ``load_state_dict``)."""
-        if self._step >= self._len:
+        if self._step >= len(self):
             self._epoch += 1
             self._step = 0
         self._start_pass()
@@ -415,14 +436,14 @@ class EpochSampler(_BlindSampler):
         """Move to the start of epoch ``epoch`` (no-op if already in it, so a mid-epoch resume is kept)."""
         super().set_epoch(epoch)
         epoch = int(epoch)
-        if epoch == self._epoch and self._step < self._len:
+        if epoch == self._epoch and self._step < len(self):
             return
         self._epoch, self._step = epoch, 0
 
     @property
     def effective_epoch(self) -> float:
         """Completed epochs plus the fraction of the current one (steps taken / ``len``)."""
-        return self._epoch + self._step / self._len
+        return self._epoch + self._step / len(self)
 
     def state_dict(self) -> dict:
         """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
@@ -469,20 +490,17 @@ class ReplacementSampler(_BlindSampler):
         self._lo = self.rank * self.batch_size
         self._hi = self._lo + self.batch_size
 
-    def __len__(self) -> int:
-        return self._len
-
     def _next_indices(self) -> np.ndarray:
         row = self._draws.next()
         self._steps += 1
-        if self.world_size == 1:
+        if self._world_size == 1:
             return row.copy()
         return row[self._lo:self._hi].copy()
 
     def next_batch(self) -> Batch:
         """This rank's share of the next global batch of distinct, uniformly drawn indices."""
         if self._unchecked:
-            self._check_group()
+            self._first_draw()
         return Batch(torch.from_numpy(self._next_indices()))
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -490,7 +508,7 @@ class ReplacementSampler(_BlindSampler):
         indices; the next pass continues the same stream."""
         self._start_pass()
         draws = self._draws
-        lo, hi, whole = self._lo, self._hi, self.world_size == 1
+        lo, hi, whole = self._lo, self._hi, self._world_size == 1
         for _ in range(self._rest_of_epoch()):
             row = draws.next()
             self._steps += 1

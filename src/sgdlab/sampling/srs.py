@@ -60,8 +60,6 @@ class SequencedReplacementSampler(_BlindSampler):
     ``DistributedSampler``-style loops and has no effect: SRS has no epochs.
     """
 
-    _LAZY = _BlindSampler._LAZY | {"_seq_ext", "_pool"}
-
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, order: str = "random",
                  rank: int | None = None, world_size: int | None = None):
         self._init_ranks(num_samples, batch_size, rank, world_size)
@@ -93,9 +91,6 @@ class SequencedReplacementSampler(_BlindSampler):
     def _init_kwargs(self) -> dict:
         return {"seed": self.seed, "order": self.order}
 
-    def __len__(self) -> int:
-        return self._len
-
     # -- the algorithm ------------------------------------------------------------------------------
 
     def _step(self, slots) -> np.ndarray:
@@ -105,12 +100,15 @@ class SequencedReplacementSampler(_BlindSampler):
         given, with the next ``len(slots)`` examples of the sequence.  ``next_batch`` calls this with
         uniformly drawn slots; tests call it with chosen slots to walk the paper's Fig. 1.
         """
-        g = self.global_batch
         if not isinstance(slots, np.ndarray):
+            if self._pending:
+                self._materialize()
+            g = self._global_batch
             slots = np.asarray(slots, dtype=np.int64)
             if slots.shape != (g,) or len(np.unique(slots)) != g or slots.min() < 0 \
                     or slots.max() >= self.num_samples:
                 raise ValueError(f"slots must be {g} distinct positions in [0, {self.num_samples})")
+        g = self._global_batch
         pool = self._pool
         batch = pool[slots]
         c = self._cursor
@@ -122,14 +120,14 @@ class SequencedReplacementSampler(_BlindSampler):
 
     def _next_indices(self) -> np.ndarray:
         batch = self._step(self._draws.next())
-        return batch[self._lo:self._hi] if self.world_size > 1 else batch
+        return batch[self._lo:self._hi] if self._world_size > 1 else batch
 
     def next_batch(self) -> Batch:
         """This rank's share of the next SRS global batch (the global batch may repeat an example)."""
         if self._unchecked:
-            self._check_group()
+            self._first_draw()
         batch = self._step(self._draws.next())
-        if self.world_size > 1:
+        if self._world_size > 1:
             batch = batch[self._lo:self._hi]
         return Batch(torch.from_numpy(batch))
 
@@ -138,7 +136,7 @@ class SequencedReplacementSampler(_BlindSampler):
         indices; the next pass continues the stream."""
         self._start_pass()
         draws, step = self._draws, self._step
-        lo, hi, whole = self._lo, self._hi, self.world_size == 1
+        lo, hi, whole = self._lo, self._hi, self._world_size == 1
         for _ in range(self._rest_of_epoch()):
             batch = step(draws.next())
             yield batch.tolist() if whole else batch[lo:hi].tolist()
@@ -148,11 +146,15 @@ class SequencedReplacementSampler(_BlindSampler):
     @property
     def pool(self) -> torch.Tensor:
         """A copy of the pool: ``pool[s]`` is the example currently in slot ``s``."""
+        if self._pending:
+            self._materialize()
         return torch.from_numpy(self._pool.copy())
 
     @property
     def sequence(self) -> torch.Tensor:
         """A copy of the cyclic sequence of examples used to refill the pool."""
+        if self._pending:
+            self._materialize()
         return torch.from_numpy(self._seq_ext[: self.num_samples].copy())
 
     @property
