@@ -170,7 +170,9 @@ def test_user_registrations_through_imports_survive_resume(tmp_path, monkeypatch
     import yaml
 
     from sgdlab import cli
+    from sgdlab.train import config
 
+    monkeypatch.setattr(config, "_CLI_IMPORTS", [])  # --import below must not leak into other tests
     monkeypatch.chdir(tmp_path)
     (tmp_path / "byo_plugin.py").write_text(PLUGIN)
     (tmp_path / "byo.yaml").write_text(yaml.safe_dump({
@@ -180,14 +182,18 @@ def test_user_registrations_through_imports_survive_resume(tmp_path, monkeypatch
     assert cli.main(["run", "byo.yaml", "--import", "byo_plugin", "--out", "run", "--quiet"]) == 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["imports"] == ["byo_plugin"]
-    # lengthen the finished run and resume it in a fresh process that was told nothing about the plugin
+    # lengthen the finished run and resume it after forgetting the plugin: the run's config imports it again
     saved["duration"] = "12 steps"
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     (tmp_path / "run" / "summary.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "sgdlab.cli", "resume", "run", "--quiet"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from sgdlab.data import datasets
+    from sgdlab.models import registry
+
+    config._CLI_IMPORTS.clear()
+    del datasets._DATASETS["byo_blobs"], registry._MODELS["byo_mlp"], sys.modules["byo_plugin"]
+    assert cli.main(["resume", "run", "--quiet"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 12
+    assert "byo_blobs" in datasets._DATASETS
     assert cli.main(["check", "byo.yaml", "--import=no_such_plugin"]) == 2
     assert "cannot import 'no_such_plugin'" in capsys.readouterr().err
 

@@ -224,7 +224,7 @@ def test_resampling_frequencies_follow_scores():
 
     sampler = _active_sampler(10**9, 5, 5, score_fn)  # the batch may not exceed the presample
     counts = torch.zeros(5)
-    for _ in range(2000):
+    for _ in range(1000):
         batch = sampler.next_batch()
         pre = seen[-1]
         slot = (batch.indices.unsqueeze(1) == pre.unsqueeze(0)).float().argmax(1)
