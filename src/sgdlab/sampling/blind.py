@@ -469,8 +469,10 @@ class ReplacementSampler(_BlindSampler):
     C(N, B) subsets equally likely) and puts them all back before the next step, so an example can be
     drawn in consecutive steps but never twice within one step.  Rank ``r`` keeps the ``r``-th contiguous
     share of the global batch.  There are no epochs: ``len()`` is ``round(N / global_batch)`` (at least
-    1), the steps per effective epoch, and each ``for batch in sampler`` pass yields that many batches,
-    continuing the same stream; :attr:`effective_epoch` = steps x global batch / N (eq. 8).
+    1), the steps per effective epoch; each ``for batch in sampler`` pass yields the rest of the current
+    effective epoch (``len()`` batches from a boundary, fewer after a mid-epoch ``load_state_dict`` or
+    ``next_batch`` calls), continuing the same stream; :attr:`effective_epoch` = steps x global batch / N
+    (eq. 8).  Ranks: see :class:`_BlindSampler`.
     ``set_epoch`` is accepted and has no effect.
     """
 

@@ -337,12 +337,15 @@ class ImportanceSampler:
     replacement, unweighted (``weights=None``), and tau is updated in :meth:`observe` from the
     upper-bound scores of the trained batch, which the engine computes from the training forward pass
     (``wants_scores`` is True). Scores observed while active are ignored (the presample's were used).
+    In your own loop call ``observe(batch.indices, scores=upper_bound_scores(logits, y))`` after every
+    step: without it tau stays 0 and importance sampling never switches on, so the sampler warns after
+    ``OBSERVE_WARNING_STEPS`` uniform steps without any observed scores.
 
     Args:
         num_samples: dataset size ``N``.
         batch_size: ``b`` per rank.
         presample: ``B``, the number of uniformly presampled examples (global; not a multiple of
-            anything; divisible by ``world_size``).
+            anything; divisible by ``world_size``; at least the global batch ``world_size * b``).
         score_fn: ``score_fn(indices: LongTensor) -> scores`` (non-negative, one per index).
         tau_th: switch threshold; default :func:`default_tau_th` ``(B + (1+r) b) / ((1+r) b)`` with the
             global ``b`` and ``r = cost_ratio``. Use ``0`` to always sample by importance after the

@@ -49,13 +49,15 @@ class SequencedReplacementSampler(_BlindSampler):
     rank, world_size:
         Data parallelism: every rank runs the same pool with the same draws and keeps the ``rank``-th
         contiguous share of the global batch (no communication).  Default: the initialized process
-        group, else a single process.
+        group -- at construction, or at first use if none exists yet; a sampler that had to settle on one
+        process raises instead of duplicating batches once a multi-rank group appears.
 
     Each step costs O(B) work independent of N (a block of slot draws is generated every few hundred
     steps, see :class:`~sgdlab.sampling.blind._DistinctSlots`); the pool and the sequence take O(N)
     memory once.  ``len()`` is ``round(N / global_batch)`` (at least 1), the number of steps in an
     effective epoch, matching the paper's n_B = round(N / B); each ``for batch in sampler`` pass yields
-    that many ``list[int]`` batches and the next pass continues the same stream.  :attr:`effective_epoch`
+    the rest of the current effective epoch as ``list[int]`` batches (all ``len()`` of them from a
+    boundary, the remainder after a mid-epoch resume) and the next pass continues the same stream.  :attr:`effective_epoch`
     is the exact ratio steps x global batch / N.  ``set_epoch`` is accepted for compatibility with
     ``DistributedSampler``-style loops and has no effect: SRS has no epochs.
     """
