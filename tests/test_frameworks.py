@@ -279,3 +279,20 @@ def test_lightning_callback_resumes_mid_epoch_exactly(tmp_path):
     _, rest = fit(12, tmp_path / "part.ckpt")
     assert rest.seen == full.seen[7:]
     assert torch.equal(rest.net.weight, full.net.weight)
+
+
+def _continue_in_child(rank, sampler, expected, path):
+    Path(path).write_text(json.dumps(sampler.next_batch().indices.tolist() == expected))
+
+
+def test_sampler_sent_to_a_spawned_process_continues_exactly(tmp_path):
+    """ddp_spawn-style: the sampler is pickled into a fresh process (torch.multiprocessing.spawn)."""
+    import torch.multiprocessing as mp
+
+    from sgdlab.sampling import SequencedReplacementSampler
+
+    sampler, ref = SequencedReplacementSampler(100, 10, seed=1), SequencedReplacementSampler(100, 10, seed=1)
+    for _ in range(3):
+        sampler.next_batch(), ref.next_batch()
+    mp.spawn(_continue_in_child, args=(sampler, ref.next_batch().indices.tolist(), str(tmp_path / "ok")), nprocs=1)
+    assert json.loads((tmp_path / "ok").read_text()) is True

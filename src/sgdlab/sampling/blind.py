@@ -193,6 +193,29 @@ class _DistinctSlots:
             self._pos = 0
 
 
+class _Array:
+    """A tensor of a pickled sampler state, carried by value as a NumPy array."""
+
+    def __init__(self, t: torch.Tensor):
+        self.array = t.detach().cpu().numpy().copy()
+
+
+def _by_value(state, to_numpy: bool = True):
+    """``state`` with its tensors as :class:`_Array` (``to_numpy``) or back as tensors.
+
+    torch.multiprocessing would move pickled tensors into shared memory; for the short-lived copies of a
+    state that breaks ``mp.spawn`` (the shared file is gone before the child opens it), so a pickled
+    sampler carries its tensors by value instead.
+    """
+    if to_numpy and isinstance(state, torch.Tensor):
+        return _Array(state)
+    if not to_numpy and isinstance(state, _Array):
+        return torch.from_numpy(state.array)
+    if isinstance(state, dict):
+        return {k: _by_value(v, to_numpy) for k, v in state.items()}
+    return state
+
+
 class _BlindSampler(Sampler):
     """Shared behaviour of the blind samplers (no feedback, iterable of index lists).
 
@@ -291,15 +314,15 @@ class _BlindSampler(Sampler):
             return {"args": (self.num_samples, self.batch_size), "kwargs": self._init_kwargs(),
                     "rank": self._rank_arg, "world_size": self._world_arg, "state": None}
         return {"args": (self.num_samples, self.batch_size), "kwargs": self._init_kwargs(), "rank": self.rank,
-                "world_size": self.world_size, "state": self.state_dict(), "alone": self._alone,
-                "passes": self._passes, "origin": self._pass_origin}
+                "world_size": self.world_size, "state": _by_value(self.state_dict()), "alone": self._alone,
+                "passes": self._passes, "origin": _by_value(self._pass_origin)}
 
     def __setstate__(self, st: dict) -> None:
         self.__init__(*st["args"], rank=st["rank"], world_size=st["world_size"], **st["kwargs"])
         if st["state"] is not None:
-            self.load_state_dict(st["state"])
+            self.load_state_dict(_by_value(st["state"], to_numpy=False))
             self._alone = st["alone"]
-            self._passes, self._pass_origin = st["passes"], st["origin"]
+            self._passes, self._pass_origin = st["passes"], _by_value(st["origin"], to_numpy=False)
 
     # -- passes -----------------------------------------------------------------------------------------
 
