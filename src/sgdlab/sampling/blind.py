@@ -50,7 +50,7 @@ def _check_seed(seed) -> int:
 def _check_args(num_samples, batch_size, rank, world_size) -> None:
     """Validate what can be checked before ``rank``/``world_size`` are known (a framework passing its own
     sampler in place of ``num_samples`` included)."""
-    if isinstance(num_samples, Sampler) or hasattr(num_samples, "__iter__"):
+    if isinstance(num_samples, Sampler):
         raise TypeError(
             f"num_samples must be the dataset size, got a {type(num_samples).__name__}: a framework is trying to "
             "re-shard this sampler, but sgdlab samplers shard themselves (every rank keeps its slice of one global "
