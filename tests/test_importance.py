@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -221,9 +222,9 @@ def test_resampling_frequencies_follow_scores():
         seen.append(idx.clone())
         return torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
 
-    sampler = _active_sampler(10**9, 50, 5, score_fn)
+    sampler = _active_sampler(10**9, 5, 5, score_fn)  # the batch may not exceed the presample
     counts = torch.zeros(5)
-    for _ in range(200):
+    for _ in range(1000):
         batch = sampler.next_batch()
         pre = seen[-1]
         slot = (batch.indices.unsqueeze(1) == pre.unsqueeze(0)).float().argmax(1)
@@ -337,6 +338,8 @@ def test_exact_resume_weights_only():
 def test_sampler_validation():
     with pytest.raises(ValueError, match="presample"):
         ImportanceSampler(10, 2, presample=0, score_fn=len)
+    with pytest.raises(ValueError, match="presample .2. must be at least the global batch size .4"):
+        ImportanceSampler(10, 2, presample=2, score_fn=len, rank=0, world_size=2)
     with pytest.raises(ValueError, match="score_fn"):
         ImportanceSampler(10, 2, presample=4, score_fn=None)
     with pytest.raises(ValueError, match="tau_momentum"):
@@ -481,3 +484,19 @@ def test_engine_runs_importance_sampler(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "is_tau" in r]
     assert rows and any(r["is_active"] == 1.0 for r in rows) and rows[0]["is_active"] == 0.0
+
+
+def test_warns_when_observe_is_never_called():
+    from sgdlab.sampling.importance import OBSERVE_WARNING_STEPS
+
+    quiet = ImportanceSampler(100, 4, presample=8, score_fn=lambda i: torch.ones(len(i)))
+    lonely = ImportanceSampler(100, 4, presample=8, score_fn=lambda i: torch.ones(len(i)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(OBSERVE_WARNING_STEPS + 5):
+            b = quiet.next_batch()
+            quiet.observe(b.indices, scores=torch.ones(4))
+        for _ in range(OBSERVE_WARNING_STEPS - 1):
+            lonely.next_batch()
+    with pytest.warns(UserWarning, match="observe.. was never called"):
+        lonely.next_batch()

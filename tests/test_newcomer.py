@@ -47,7 +47,9 @@ def test_empty_config_and_no_config_are_the_same_experiment(tmp_path, capsys):
 def test_resolved_config_lists_builder_defaults(tmp_path):
     cfg = config_to_dict(load_config({"sampler": {"name": "srs"}, "loss": {"random_gradient": {"p": 0.5}}}))
     assert cfg["data"]["num_samples"] == 5000 and cfg["data"]["seed"] == 42           # mnist1d builder
-    assert cfg["model"] == {"name": "cnn1d", "length": 40, "channels": 25}             # cnn1d builder
+    assert cfg["model"] == {"name": "cnn1d", "channels": 25}                           # cnn1d builder
+    # input-shape parameters are not pinned: the engine takes them from the data, so another dataset fits
+    assert "in_features" not in config_to_dict(load_config({"data": {"name": "mnist5k"}, "model": {"name": "mlp"}}))["model"]
     assert cfg["sampler"] == {"name": "srs", "batch_size": 100, "order": "random"}     # via the SRS class
     assert cfg["loss"]["random_gradient"]["high"] == 1.0 and cfg["loss"]["random_gradient"]["p"] == 0.5
     assert config_to_dict(load_config({}))["sampler"]["drop_last"] is True

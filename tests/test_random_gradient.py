@@ -106,8 +106,15 @@ def test_reproducible_per_seed_and_default_seed():
     c = _factors(RandomGradient(seed=8), 50)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
-    torch.testing.assert_close(_factors(RandomGradient(), 20), _factors(RandomGradient(seed=0), 20),
-                               rtol=0, atol=0)
+    # seed=None: each transform draws its seed from torch's global generator -> independent streams,
+    # reproducible under torch.manual_seed
+    torch.manual_seed(1)
+    first, second = RandomGradient(), RandomGradient()
+    assert first.seed != second.seed and not torch.equal(_factors(first, 20), _factors(second, 20))
+    torch.manual_seed(1)
+    again = RandomGradient()
+    assert again.seed == first.seed
+    torch.testing.assert_close(_factors(again, 20), _factors(RandomGradient(seed=first.seed), 20), rtol=0, atol=0)
     # independent of the global RNG
     torch.manual_seed(123)
     d = _factors(RandomGradient(seed=7), 50)
@@ -160,3 +167,8 @@ def test_metrics_and_protocol_and_registry():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         RandomGradient(**kwargs)
+
+
+def test_per_sample_needs_a_loss_vector():
+    with pytest.raises(ValueError, match="per_sample=True needs the per-example loss vector"):
+        RandomGradient(per_sample=True, seed=0)(torch.tensor(1.5))

@@ -278,3 +278,87 @@ def test_replacement_draw_counts_are_binomial():
     var = steps * p * (1 - p)
     assert counts.mean() == pytest.approx(steps * p)
     assert abs(counts.var(ddof=1) / var - 1) < 4 * math.sqrt(2 / (n - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside other training stacks: resume alignment, pickling, framework re-sharding, lazy ranks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("k", [0, 3, 7, 11])
+def test_iteration_after_load_yields_the_rest_of_the_epoch(cls, k):
+    n, b = 50, 7  # len 7 (drop_last) / round(50 / 7) = 7
+    ref = cls(n, b, seed=4)
+    passes = [list(ref) for _ in range(3)]
+    flat = sum(passes, [])
+    s = cls(n, b, seed=4)
+    _draw(s, k)
+    resumed = cls(n, b, seed=4)
+    resumed.load_state_dict(_roundtrip(s.state_dict()))
+    rest = list(resumed)
+    assert len(rest) == len(ref) - k % len(ref)  # the epoch boundary stays where an unbroken loop has it
+    assert rest == flat[k:k + len(rest)]
+    assert list(resumed) == flat[k + len(rest):k + len(rest) + len(ref)]  # then whole epochs again
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+def test_pickle_keeps_the_exact_position(cls):
+    import pickle
+
+    s = cls(40, 4, seed=9, rank=1, world_size=2)
+    _draw(s, 6)
+    it = iter(s)
+    next(it)
+    twin = pickle.loads(pickle.dumps(s))
+    assert (twin.rank, twin.world_size) == (1, 2)
+    assert _draw(twin, 12) == _draw(s, 12)
+    lazy = pickle.loads(pickle.dumps(cls(40, 4, seed=9)))  # not resolved yet: stays lazy
+    assert lazy.__dict__["_pending"] and _draw(lazy, 3) == _draw(cls(40, 4, seed=9), 3)
+    assert isinstance(s, torch.utils.data.Sampler)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+def test_a_framework_injecting_its_sampler_gets_a_clear_error(cls):
+    inner = torch.utils.data.DistributedSampler(range(10), num_replicas=2, rank=0)
+    with pytest.raises(TypeError, match="use_distributed_sampler=False"):
+        cls(inner, 2)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+def test_ranks_resolve_at_first_use_without_a_process_group(cls):
+    s = cls(40, 4, seed=1)
+    assert s.__dict__["_pending"] and "first use" in repr(s)
+    assert len(s) == len(cls(40, 4, seed=1, rank=0, world_size=1))
+    assert (s.rank, s.world_size) == (0, 1) and not s.__dict__["_pending"]
+    assert _draw(s, 3) == _draw(cls(40, 4, seed=1, rank=0, world_size=1), 3)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("stop", [5, 9])
+def test_loader_position_resumes_a_reading_ahead_loader_exactly(cls, stop):
+    from sgdlab.sampling import LoaderPosition
+
+    n, b = 48, 8  # len 6: stop 5 is mid-epoch, 9 mid-way through the second
+    data = torch.utils.data.TensorDataset(torch.arange(n))
+
+    def loader(sampler):  # two workers read 4 batches ahead
+        return torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
+
+    unbroken = cls(n, b, seed=1)
+    ref = [batch[0].tolist() for _ in range(3) for batch in loader(unbroken)]
+    sampler = cls(n, b, seed=1)
+    pos, got, dl = LoaderPosition(sampler), [], loader(sampler)
+    while len(got) < stop:
+        for batch in dl:
+            got.append(batch[0].tolist())
+            pos.advance()
+            if len(got) == stop:
+                break
+    saved = _roundtrip(pos.state_dict())
+    again = cls(n, b, seed=1)
+    LoaderPosition(again).load_state_dict(saved)
+    dl = loader(again)
+    while len(got) < len(ref):
+        got += [batch[0].tolist() for batch in dl]
+    assert got == ref

@@ -19,7 +19,7 @@ def _run(forward="shake", backward="shake", level="image", rule=None, alpha_rang
     x2 = (torch.randn(shape, dtype=torch.float64, generator=gen) + 5.0).requires_grad_()  # x1 - x2 far from 0
     g = torch.randn(shape, dtype=torch.float64, generator=gen)
     out = shake(x1, x2, forward=forward, backward=backward, level=level, rule=rule, alpha_range=alpha_range,
-                generator=gen)
+                training=True, generator=gen)
     out.backward(g)
     a = ((out - x2) / (x1 - x2)).detach()
     b1 = x1.grad / g
@@ -148,15 +148,15 @@ def test_eval_averages_and_module_form():
 
 def test_generator_reproducible_and_global_rng():
     x1, x2 = torch.randn(16, 4), torch.randn(16, 4)
-    y1 = shake(x1, x2, generator=torch.Generator().manual_seed(3))
-    y2 = shake(x1, x2, generator=torch.Generator().manual_seed(3))
-    y3 = shake(x1, x2, generator=torch.Generator().manual_seed(4))
+    y1 = shake(x1, x2, training=True, generator=torch.Generator().manual_seed(3))
+    y2 = shake(x1, x2, training=True, generator=torch.Generator().manual_seed(3))
+    y3 = shake(x1, x2, training=True, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     assert not torch.allclose(y1, y3)
     torch.manual_seed(5)
-    z1 = shake(x1, x2)
+    z1 = shake(x1, x2, training=True)
     torch.manual_seed(5)
-    z2 = shake(x1, x2)
+    z2 = shake(x1, x2, training=True)
     torch.testing.assert_close(z1, z2, rtol=0, atol=0)
 
 
@@ -166,7 +166,7 @@ def test_gradcheck_style_jacobians_float64():
     x2 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
 
     def keep(u, v):
-        return shake(u, v, backward="keep", generator=torch.Generator().manual_seed(0))
+        return shake(u, v, backward="keep", training=True, generator=torch.Generator().manual_seed(0))
 
     assert torch.autograd.gradcheck(keep, (x1, x2))
     assert torch.autograd.gradgradcheck(keep, (x1, x2))
@@ -174,7 +174,7 @@ def test_gradcheck_style_jacobians_float64():
     # With backward="shake" the analytical Jacobian is b*I / (1-b)*I and the numerical one (of the
     # forward value) a*I / (1-a)*I, with a, b the coefficients the same generator state draws.
     def ss(u, v):
-        return shake(u, v, generator=torch.Generator().manual_seed(0))
+        return shake(u, v, training=True, generator=torch.Generator().manual_seed(0))
 
     a, b = draw_coefficients(x1, generator=torch.Generator().manual_seed(0))
     a, b = a.reshape(-1), b.reshape(-1)
@@ -199,7 +199,7 @@ def test_autocast_bf16_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h1, h2 = lin1(x), lin2(x)
         assert h1.dtype == torch.bfloat16
-        out = shake(h1, h2, generator=torch.Generator().manual_seed(1))
+        out = shake(h1, h2, training=True, generator=torch.Generator().manual_seed(1))
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert torch.isfinite(lin1.weight.grad).all() and lin1.weight.grad.abs().sum() > 0
@@ -207,7 +207,7 @@ def test_autocast_bf16_cpu():
     ref = a * h1.float() + (1 - a) * h2.float()
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     # direct low-precision inputs
-    y = shake(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16))
+    y = shake(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16), training=True)
     assert y.dtype == torch.bfloat16
 
 
@@ -215,7 +215,7 @@ def test_torch_compile_traces_shake():
     torch._dynamo.reset()
 
     def f(u, v):
-        return shake(u, v, level="image").square().sum()
+        return shake(u, v, level="image", training=True).square().sum()
 
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
     x1 = torch.randn(6, 3, requires_grad=True)
@@ -224,7 +224,7 @@ def test_torch_compile_traces_shake():
     assert torch.isfinite(x1.grad).all() and x1.grad.abs().sum() > 0
     # gradients still split g between the inputs
     x1.grad = x2.grad = None
-    out_c = torch.compile(lambda u, v: shake(u, v), backend="aot_eager")(x1, x2)
+    out_c = torch.compile(lambda u, v: shake(u, v, training=True), backend="aot_eager")(x1, x2)
     g = torch.randn_like(out_c)
     out_c.backward(g)
     torch.testing.assert_close(x1.grad + x2.grad, g)
@@ -233,7 +233,7 @@ def test_torch_compile_traces_shake():
 @pytest.mark.slow
 def test_torch_compile_inductor():
     torch._dynamo.reset()
-    cf = torch.compile(lambda u, v: shake(u, v, rule="M3"))
+    cf = torch.compile(lambda u, v: shake(u, v, rule="M3", training=True))
     x1 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     x2 = (torch.randn(6, 3, dtype=torch.float64) + 4).requires_grad_()
     out = cf(x1, x2)
@@ -264,6 +264,12 @@ def test_bad_arguments(kwargs, name):
         Shake(**kwargs)
 
 
+def test_training_must_be_given():
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="training=self.training"):
+        shake(x, x)
+
+
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="x1 and x2"):
-        shake(torch.randn(4, 2), torch.randn(4, 3))
+        shake(torch.randn(4, 2), torch.randn(4, 3), training=True)

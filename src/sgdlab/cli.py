@@ -148,9 +148,38 @@ def _regroup(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
         parser.error("sweep: give the base config file")
 
 
+def _take_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--import MODULE`` / ``--import=MODULE`` (anywhere on the line) from the other arguments."""
+    rest, modules, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--import" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--import="):
+            modules.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, modules
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        help="import MODULE first (your data.register / models.register code); repeatable, "
+                             "accepted anywhere on the line and recorded in the run's config")
+    argv, modules = _take_imports(list(sys.argv[1:] if argv is None else argv))
+    if modules:
+        from .train.config import add_cli_imports
+
+        try:
+            add_cli_imports(modules)
+        except SgdlabError as e:
+            print(f"sgdlab: error: {e}", file=sys.stderr)
+            return 2
+    args, extra = parser.parse_known_args(argv)
     _regroup(parser, args, extra)
     try:
         return args.fn(args) or 0

@@ -8,12 +8,18 @@ so tools such as ``sgdlab check`` and the tests can run a forward pass of every 
 from __future__ import annotations
 
 import difflib
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
-__all__ = ["register", "create", "names", "input_shape", "ModelEntry"]
+__all__ = ["register", "create", "names", "input_shape", "shape_kwargs", "SHAPE_PARAMETERS", "ModelEntry"]
+
+# Builder parameters that describe the input and are filled from the data's per-example shape when the
+# builder declares them and the caller did not set them (see :func:`shape_kwargs`).
+SHAPE_PARAMETERS = ("input_shape", "in_features", "in_channels")
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,37 @@ def _entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
-def create(name: str, *, num_classes: int, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with ``num_classes`` outputs; kwargs go to its builder."""
+def shape_kwargs(name: str, input_shape) -> dict:
+    """The keyword arguments of model ``name``'s builder that follow from one example's ``input_shape``.
+
+    Any builder may declare ``input_shape`` (the tuple), ``in_features`` (the product, for flattening models)
+    and ``in_channels`` (the first entry of an input with 2+ dimensions); sgdlab's own small models also take
+    ``length`` (1-D inputs) and ``size`` (square images).  Only the parameters the builder names are returned.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    params = inspect.signature(_entry(name).builder).parameters
+    values = {"input_shape": shape, "in_features": math.prod(shape)}
+    if len(shape) >= 2:
+        values["in_channels"] = shape[0]
+    if _entry(name).builder.__module__.startswith("sgdlab."):
+        if len(shape) == 1:
+            values["length"] = shape[0]
+        if len(shape) == 3 and shape[1] == shape[2]:
+            values["size"] = shape[1]
+    return {k: v for k, v in values.items() if k in params and params[k].kind != params[k].VAR_KEYWORD}
+
+
+def create(name: str, *, num_classes: int, input_shape=None, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with ``num_classes`` outputs; kwargs go to its builder.
+
+    With ``input_shape`` (one example's shape, e.g. ``dataset.input_shape``) the builder's input parameters
+    that ``kwargs`` leaves unset are filled from it (:func:`shape_kwargs`), so e.g. ``mlp`` gets
+    ``in_features=784`` for 28x28 images.
+    """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if input_shape is not None:
+        kwargs = {**shape_kwargs(name, input_shape), **kwargs}
     return _entry(name).builder(num_classes=num_classes, **kwargs)
 
 

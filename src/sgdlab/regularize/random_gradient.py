@@ -18,13 +18,13 @@ import math
 
 import torch
 
+from ._rng import uniform
 from .base import register_loss_transform
 
 __all__ = ["RandomGradient", "triangular_factor"]
 
 SCHEDULES = (None, "triangular")
 PERIOD_UNITS = ("steps", "epochs")
-DEFAULT_SEED = 0
 
 
 def triangular_factor(t: float, period: float, low: float, high: float) -> float:
@@ -50,15 +50,18 @@ class RandomGradient:
         low, high: range of the factor, ``low <= high`` (``low == high`` gives a constant factor,
             e.g. 3 for the paper's fixed loss weight).
         p: probability that the factor is applied on a call (per example when ``per_sample``).
-        per_sample: one factor per element of the loss vector instead of one per call (batch).
+        per_sample: one factor per element of the loss vector instead of one per call (batch); the
+            loss must then be the per-example vector (``reduction="none"``): a scalar raises ValueError.
         schedule: ``None`` (random factor) or ``"triangular"``.
         period: full cycle length of the triangular schedule, in ``period_unit``.
         period_unit: ``"steps"`` (uses ``step=`` when given, else the number of previous calls)
             or ``"epochs"`` (needs ``epoch=`` on every call).
-        seed: seed of the transform's own ``torch.Generator``; ``None`` means the fixed default 0,
-            so runs are reproducible unless a seed is given.
+        seed: seed of the transform's own ``torch.Generator`` (a fixed stream); ``None`` draws one from
+            torch's global generator, so two transforms get independent streams and a script seeded with
+            ``torch.manual_seed`` is still reproducible. The seed in use is :attr:`seed`.
 
-    Usable in any loop: ``loss = rg(criterion(out, y))``. Implements the ``LossTransform`` protocol:
+    Usable in any loop: ``loss = rg(criterion(out, y))``; the draw compiles with
+    ``torch.compile(fullgraph=True)``. Implements the ``LossTransform`` protocol:
     ``state_dict``/``load_state_dict`` (tensors and plain numbers only, loadable with
     ``torch.load(weights_only=True)``), ``last_factor`` (tensor of the last call's factors) and
     ``metrics() -> {"rg_factor": mean factor of the last call}``.
@@ -95,12 +98,20 @@ class RandomGradient:
         self.schedule = schedule
         self.period = period
         self.period_unit = period_unit
-        self.seed = DEFAULT_SEED if seed is None else int(seed)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))  # from the global generator: independent streams
+        self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.calls = 0
         self.last_factor: torch.Tensor | None = None
 
-    def _factor(self, shape, step, epoch) -> torch.Tensor:
+    def _factor(self, shape, step, epoch, losses: torch.Tensor) -> torch.Tensor:
+        like = losses if losses.device.type == "cpu" else losses.cpu()  # the generator is a CPU one
+        # One draw per call (rows: the factor, then the keep test), so a compiled graph cannot reorder them.
+        random = self.schedule is None and self.low != self.high
+        count = int(random) + int(self.p < 1.0)
+        draws = iter(uniform((count,) + tuple(shape), self.generator, like=like,
+                             dtype=torch.float64).unbind(0)) if count else iter(())
         if self.schedule == "triangular":
             if self.period_unit == "epochs":
                 if epoch is None:
@@ -110,14 +121,12 @@ class RandomGradient:
                 t = float(self.calls if step is None else step)
             value = torch.full(shape, triangular_factor(t, self.period, self.low, self.high),
                                dtype=torch.float64)
-        elif self.low == self.high:
-            value = torch.full(shape, self.low, dtype=torch.float64)
+        elif random:
+            value = self.low + (self.high - self.low) * next(draws)
         else:
-            u = torch.rand(shape, generator=self.generator, dtype=torch.float64)
-            value = self.low + (self.high - self.low) * u
+            value = torch.full(shape, self.low, dtype=torch.float64)
         if self.p < 1.0:
-            keep = torch.rand(shape, generator=self.generator, dtype=torch.float64) < self.p
-            value = torch.where(keep, value, torch.ones_like(value))
+            value = torch.where(next(draws) < self.p, value, torch.ones_like(value))
         return value
 
     def __call__(self, losses: torch.Tensor, *, step: int | None = None,
@@ -125,8 +134,11 @@ class RandomGradient:
         """Return ``factor * losses`` (same shape); one factor per call, or per element if ``per_sample``."""
         if not torch.is_tensor(losses):
             raise ValueError(f"losses must be a tensor, got {type(losses).__name__}")
+        if self.per_sample and losses.dim() == 0:
+            raise ValueError("per_sample=True needs the per-example loss vector (e.g. reduction='none'), "
+                             "got a scalar loss")
         shape = tuple(losses.shape) if self.per_sample else ()
-        factor = self._factor(shape, step, epoch)
+        factor = self._factor(shape, step, epoch, losses)
         self.calls += 1
         self.last_factor = factor
         dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()

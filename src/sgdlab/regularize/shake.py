@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ._rng import uniform
+
 __all__ = ["shake", "Shake", "draw_coefficients", "FORWARD_MODES", "BACKWARD_MODES", "LEVELS", "RULES"]
 
 FORWARD_MODES = ("shake", "even")
@@ -60,11 +62,12 @@ def _rand(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch
     # Draw in float32 (float64 for float64 inputs) on the input's device, then cast to its dtype:
     # identical to drawing in the input's dtype for float32/float64, and avoids the coarse grid of
     # a direct bfloat16/float16 draw.
+    # With a generator the draw goes through sgdlab's capturable op while compiling, so
+    # torch.compile(fullgraph=True) holds the whole blend (see sgdlab.regularize._rng).
     draw_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if generator is not None and generator.device.type != like.device.type:
+    if generator is not None and not torch.compiler.is_compiling() and generator.device.type != like.device.type:
         raise ValueError(f"generator is on {generator.device}, but the inputs are on {like.device}")
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=draw_dtype)
-    return u
+    return uniform(shape, generator, like=like, dtype=draw_dtype)
 
 
 def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: str = "shake",
@@ -91,8 +94,13 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
         shape = (like.shape[0],) + (1,) * (like.dim() - 1)
     else:
         shape = (1,) * like.dim()
+    # All the uniforms of one call come from a single draw (rows: a, then b or u), so a compiled graph
+    # cannot reorder them against each other.
+    second = (rule is None and backward == "shake") or rule not in (None, "M1")
+    count = int(forward == "shake") + int(second)
+    draws = iter(_rand((count,) + shape, like, generator).unbind(0)) if count else iter(())
     if forward == "shake":
-        a = _rand(shape, like, generator)
+        a = next(draws)
         if lo != 0.0 or hi != 1.0:
             a = a * (hi - lo) + lo
     else:
@@ -100,7 +108,7 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
                        dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
     if rule is None:
         if backward == "shake":
-            b = _rand(shape, like, generator)
+            b = next(draws)
             if lo != 0.0 or hi != 1.0:
                 b = b * (hi - lo) + lo
         elif backward == "even":
@@ -110,7 +118,7 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
         return a, b
     if rule == "M1":
         return a, 1.0 - a
-    u = _rand(shape, like, generator)
+    u = next(draws)
     low = a < 0.5
     if rule == "M2":
         b = torch.where(low, u * a, u * (1.0 - a) + a)
@@ -125,7 +133,7 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
 
 def shake(x1: torch.Tensor, x2: torch.Tensor, *, forward: str = "shake", backward: str = "shake",
           level: str = "image", rule: str | None = None, alpha_range: Sequence[float] = (0.0, 1.0),
-          training: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+          training: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shake-Shake combination of two branch outputs (Gastaldi 2017, eq. 2 and Fig. 1).
 
     Training: the value is ``a * x1 + (1 - a) * x2``; the gradient reaching ``x1`` is ``b * g`` and
@@ -142,14 +150,21 @@ def shake(x1: torch.Tensor, x2: torch.Tensor, *, forward: str = "shake", backwar
             :func:`draw_coefficients`.
         alpha_range: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (Table 5 narrows it, e.g.
             ``(0.4, 0.6)``). ``lo == hi`` is allowed and gives the constant ``lo``.
-        training: ``False`` returns the evaluation blend ``0.5 * (x1 + x2)``.
-        generator: optional ``torch.Generator`` on the inputs' device; the global RNG if ``None``.
+        training: required: ``True`` shakes, ``False`` returns the evaluation blend ``0.5 * (x1 + x2)``.
+            Inside a module's ``forward`` pass ``training=self.training`` (the :class:`Shake` module does),
+            so a model in ``eval()`` is never shaken by accident.
+        generator: optional ``torch.Generator`` on the inputs' device; the global RNG if ``None``. With a
+            generator the op still compiles with ``torch.compile(fullgraph=True)`` and draws the same
+            numbers as in eager mode.
 
     Coefficients are drawn on the inputs' device (in float32, float64 for float64 inputs) and
     cast to the inputs' dtype. Raises ValueError for unknown modes, levels or rules, an
     ``alpha_range`` outside ``[0, 1]`` or with ``lo > hi``, and mismatched shapes.
     """
     lo, hi = _check_settings(forward, backward, level, rule, alpha_range)
+    if training is None:
+        raise ValueError("shake: pass training= explicitly (training=self.training inside a module's forward; "
+                         "the Shake module does it), so that a model in eval() is never shaken")
     if x1.shape != x2.shape:
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     if not training or (forward == "even" and backward == "even" and rule is None):

@@ -6,7 +6,9 @@ from .configurations import accessible_configurations
 from .srs import SequencedReplacementSampler
 from .importance import ImportanceSampler, model_scorer, upper_bound_scores
 from .history import OnlineBatchSelection, PrioritizedSampler
+from .position import LoaderPosition
 
 __all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice",
            "EpochSampler", "ReplacementSampler", "SequencedReplacementSampler", "accessible_configurations",
-           "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler"]
+           "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler",
+           "LoaderPosition"]

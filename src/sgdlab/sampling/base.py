@@ -23,6 +23,8 @@ __all__ = [
     "SourceContext",
     "check_sizes",
     "resolve_rank",
+    "group_initialized",
+    "check_group",
     "rank_slice",
     "register",
     "create",
@@ -111,6 +113,29 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
     return rank, world_size
+
+
+def group_initialized() -> bool:
+    """Whether a ``torch.distributed`` process group is initialized in this process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def check_group(name: str) -> bool:
+    """Guard of a source that settled on a single process before any process group existed.
+
+    Returns True while no group exists (keep checking), False once a group of one rank exists, and raises a
+    one-line ValueError when the group has several ranks: every rank would otherwise draw the same batches.
+    """
+    if not group_initialized():
+        return True
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return False
+    raise ValueError(
+        f"{name} was set up for a single process before torch.distributed was initialized, but the process group "
+        f"has {world} ranks, so every rank would train the same batches; build the sampler after "
+        f"init_process_group (or Accelerator() / inside Trainer hooks), or pass rank= and world_size= "
+        f"(rank=0, world_size=1 for a global-batch sampler)")
 
 
 def rank_slice(global_indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

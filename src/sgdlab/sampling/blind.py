@@ -32,7 +32,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .base import Batch, check_sizes, register, resolve_rank
+from torch.utils.data import Sampler
+
+from .base import Batch, check_group, check_sizes, group_initialized, register, resolve_rank
 
 __all__ = ["EpochSampler", "ReplacementSampler"]
 
@@ -43,6 +45,23 @@ def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     return int(seed)
+
+
+def _check_args(num_samples, batch_size, rank, world_size) -> None:
+    """Validate what can be checked before ``rank``/``world_size`` are known (a framework passing its own
+    sampler in place of ``num_samples`` included)."""
+    if isinstance(num_samples, Sampler):
+        raise TypeError(
+            f"num_samples must be the dataset size, got a {type(num_samples).__name__}: a framework is trying to "
+            "re-shard this sampler, but sgdlab samplers shard themselves (every rank keeps its slice of one global "
+            "batch); in Lightning pass Trainer(use_distributed_sampler=False), with Accelerate see "
+            "sgdlab.integrations.accelerate")
+    check_sizes(num_samples, batch_size)
+    if batch_size > num_samples:
+        raise ValueError(f"batch_size must be at most num_samples={num_samples}, got {batch_size}")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer or None, got {value!r}")
 
 
 def _resolve(num_samples, batch_size, rank, world_size) -> tuple[int, int, int]:
@@ -174,8 +193,44 @@ class _DistinctSlots:
             self._pos = 0
 
 
-class _BlindSampler:
-    """Shared behaviour of the blind samplers (no feedback, iterable of index lists)."""
+class _Array:
+    """A tensor of a pickled sampler state, carried by value as a NumPy array."""
+
+    def __init__(self, t: torch.Tensor):
+        self.array = t.detach().cpu().numpy().copy()
+
+
+def _by_value(state, to_numpy: bool = True):
+    """``state`` with its tensors as :class:`_Array` (``to_numpy``) or back as tensors.
+
+    torch.multiprocessing would move pickled tensors into shared memory; for the short-lived copies of a
+    state that breaks ``mp.spawn`` (the shared file is gone before the child opens it), so a pickled
+    sampler carries its tensors by value instead.
+    """
+    if to_numpy and isinstance(state, torch.Tensor):
+        return _Array(state)
+    if not to_numpy and isinstance(state, _Array):
+        return torch.from_numpy(state.array)
+    if isinstance(state, dict):
+        return {k: _by_value(v, to_numpy) for k, v in state.items()}
+    return state
+
+
+class _BlindSampler(Sampler):
+    """Shared behaviour of the blind samplers (no feedback, iterable of index lists).
+
+    *Rank resolution.* Given ``rank`` and ``world_size``, a sampler uses them.  Otherwise it takes them from
+    the initialized process group -- at construction if one exists, else at its first use (``len()``, a
+    draw, ``state_dict()``), so a sampler built at module level or before ``Accelerator()`` /
+    ``Trainer.fit`` still gets its rank's slice.  A sampler that had to settle on a single process because no
+    group existed yet checks again at its first draw, at every ``iter()`` and on ``load_state_dict``, and
+    raises a ValueError if a group of several ranks has appeared since: it never silently trains the same
+    batches on every rank.  (``rank=0, world_size=1`` given explicitly is a global-batch sampler and is
+    never checked.)
+
+    *Pickling* keeps the exact position (the state goes through :meth:`state_dict`, generator states as
+    tensors), so a sampler can be sent to spawned processes.
+    """
 
     wants_scores = False
     wants_losses = False
@@ -183,9 +238,107 @@ class _BlindSampler:
     num_samples: int
     batch_size: int
     seed: int
-    rank: int
-    world_size: int
-    global_batch: int
+
+    def _init_ranks(self, num_samples, batch_size, rank, world_size) -> None:
+        """Store the size arguments; resolve the ranks now when possible, else at first use."""
+        _check_args(num_samples, batch_size, rank, world_size)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self._rank_arg, self._world_arg = rank, world_size
+        self._alone = False       # resolved to one process while no group existed (auto ranks only)
+        self._unchecked = True    # the first next_batch resolves/checks once
+        self._passes = 0          # number of iter() passes started (see sgdlab.sampling.LoaderPosition)
+        self._pass_origin = None  # state_dict at the start of the current pass
+        self._pending = (rank is None or world_size is None) and not group_initialized()
+
+    def _materialize(self) -> None:
+        """Resolve ``rank``/``world_size`` and build the stream (called once, at construction or first use)."""
+        self._pending = False
+        auto = self._rank_arg is None or self._world_arg is None
+        self._rank, self._world_size, self._global_batch = _resolve(self.num_samples, self.batch_size,
+                                                                    self._rank_arg, self._world_arg)
+        self._alone = auto and self._world_size == 1 and not group_initialized()
+        self._build()
+
+    def _build(self) -> None:  # pragma: no cover - every sampler defines it
+        raise NotImplementedError
+
+    # Lazily resolved: the hot paths read the private names, which exist once the sampler is resolved
+    # (next_batch resolves on its first call, iter() at the start of every pass).
+    @property
+    def rank(self) -> int:
+        """This process's rank (resolved from the process group at first use when not given)."""
+        if self._pending:
+            self._materialize()
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks sharing each global batch."""
+        if self._pending:
+            self._materialize()
+        return self._world_size
+
+    @property
+    def global_batch(self) -> int:
+        """``world_size * batch_size``: the indices drawn per step over all ranks."""
+        if self._pending:
+            self._materialize()
+        return self._global_batch
+
+    def __len__(self) -> int:
+        """Steps per (effective) epoch."""
+        if self._pending:
+            self._materialize()
+        return self._len
+
+    def _first_draw(self) -> None:
+        if self._pending:
+            self._materialize()
+        self._check_group()
+
+    def _check_group(self) -> None:
+        """Raise if this sampler settled on one process and a multi-rank group exists now."""
+        self._unchecked = False
+        if self._alone:
+            self._alone = check_group(type(self).__name__)
+
+    # -- pickling -------------------------------------------------------------------------------------
+
+    def _init_kwargs(self) -> dict:
+        return {"seed": self.seed}
+
+    def __getstate__(self) -> dict:
+        d = self.__dict__
+        if d.get("_pending"):
+            return {"args": (self.num_samples, self.batch_size), "kwargs": self._init_kwargs(),
+                    "rank": self._rank_arg, "world_size": self._world_arg, "state": None}
+        return {"args": (self.num_samples, self.batch_size), "kwargs": self._init_kwargs(), "rank": self.rank,
+                "world_size": self.world_size, "state": _by_value(self.state_dict()), "alone": self._alone,
+                "passes": self._passes, "origin": _by_value(self._pass_origin)}
+
+    def __setstate__(self, st: dict) -> None:
+        self.__init__(*st["args"], rank=st["rank"], world_size=st["world_size"], **st["kwargs"])
+        if st["state"] is not None:
+            self.load_state_dict(_by_value(st["state"], to_numpy=False))
+            self._alone = st["alone"]
+            self._passes, self._pass_origin = st["passes"], _by_value(st["origin"], to_numpy=False)
+
+    # -- passes -----------------------------------------------------------------------------------------
+
+    def _start_pass(self) -> None:
+        """Bookkeeping at the start of an ``iter()`` pass: group check, pass count, origin state."""
+        if self._pending:
+            self._materialize()
+        if self._alone:
+            self._check_group()
+        self._unchecked = False
+        self._passes += 1
+        self._pass_origin = self.state_dict()
+
+    def _rest_of_epoch(self) -> int:
+        """Batches left in the current effective epoch (a whole ``len()`` at an epoch boundary)."""
+        return self._len - self._steps % self._len
 
     def observe(self, indices, losses=None, scores=None) -> None:
         """No-op: blind samplers ignore feedback from training."""
@@ -213,7 +366,10 @@ class _BlindSampler:
         return self._steps * self.global_batch / self.num_samples
 
     def __repr__(self) -> str:
-        extra = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
+        if self.__dict__.get("_pending"):
+            extra = ", rank/world_size: from the process group at first use"
+        else:
+            extra = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
         return f"{type(self).__name__}(num_samples={self.num_samples}, batch_size={self.batch_size}, seed={self.seed}{extra})"
 
 
@@ -240,25 +396,27 @@ class EpochSampler(_BlindSampler):
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, drop_last: bool = True,
                  rank: int | None = None, world_size: int | None = None):
-        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
+        self._init_ranks(num_samples, batch_size, rank, world_size)
         self.seed = _check_seed(seed)
         if not isinstance(drop_last, bool):
             raise ValueError(f"drop_last must be a bool, got {drop_last!r}")
         self.drop_last = drop_last
-        if drop_last:
-            self._len = num_samples // self.global_batch
-        else:
-            self._len = -(-num_samples // self.global_batch)
-        self._gen = torch.Generator()
         self._epoch = 0
         self._step = 0
         self._perm: np.ndarray | None = None
         self._perm_epoch = -1
+        if not self._pending:
+            self._materialize()
 
-    def __len__(self) -> int:
-        return self._len
+    def _build(self) -> None:
+        if self.drop_last:
+            self._len = self.num_samples // self.global_batch
+        else:
+            self._len = -(-self.num_samples // self.global_batch)
+        self._gen = torch.Generator()
+
+    def _init_kwargs(self) -> dict:
+        return {"seed": self.seed, "drop_last": self.drop_last}
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self._epoch:
@@ -273,23 +431,27 @@ class EpochSampler(_BlindSampler):
             self._epoch += 1
             self._step = 0
         perm = self._permutation()
-        g0 = self._step * self.global_batch
-        g1 = min(g0 + self.global_batch, self.num_samples)
+        g0 = self._step * self._global_batch
+        g1 = min(g0 + self._global_batch, self.num_samples)
         self._step += 1
-        if self.world_size == 1:
+        if self._world_size == 1:
             return perm[g0:g1].copy()
-        a, b = _split_bounds(g1 - g0, self.rank, self.world_size)
+        a, b = _split_bounds(g1 - g0, self._rank, self._world_size)
         return perm[g0 + a:g0 + b].copy()
 
     def next_batch(self) -> Batch:
         """This rank's share of the next global batch (continues into the next epoch when one ends)."""
+        if self._unchecked:
+            self._first_draw()
         return Batch(torch.from_numpy(self._next_indices()))
 
     def __iter__(self) -> Iterator[list[int]]:
-        """The remaining batches of the current epoch as lists of indices (a full epoch from its start)."""
-        if self._step >= self._len:
+        """The remaining batches of the current epoch as lists of indices (a full epoch from its start,
+        the rest of the epoch after a mid-epoch ``load_state_dict``)."""
+        if self._step >= len(self):
             self._epoch += 1
             self._step = 0
+        self._start_pass()
         for _ in range(self._len - self._step):
             yield self._next_indices().tolist()
 
@@ -297,14 +459,14 @@ class EpochSampler(_BlindSampler):
         """Move to the start of epoch ``epoch`` (no-op if already in it, so a mid-epoch resume is kept)."""
         super().set_epoch(epoch)
         epoch = int(epoch)
-        if epoch == self._epoch and self._step < self._len:
+        if epoch == self._epoch and self._step < len(self):
             return
         self._epoch, self._step = epoch, 0
 
     @property
     def effective_epoch(self) -> float:
         """Completed epochs plus the fraction of the current one (steps taken / ``len``)."""
-        return self._epoch + self._step / self._len
+        return self._epoch + self._step / len(self)
 
     def state_dict(self) -> dict:
         """The sampler's exact position in its stream (tensors and ints), for :meth:`load_state_dict`."""
@@ -315,6 +477,8 @@ class EpochSampler(_BlindSampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
         from a sampler of another kind, size, batch or seed."""
+        if self._alone:
+            self._check_group()
         _check_state(state, "epoch", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                       "seed": self.seed, "drop_last": self.drop_last})
         self._epoch = int(state["epoch"])
@@ -328,44 +492,49 @@ class ReplacementSampler(_BlindSampler):
     C(N, B) subsets equally likely) and puts them all back before the next step, so an example can be
     drawn in consecutive steps but never twice within one step.  Rank ``r`` keeps the ``r``-th contiguous
     share of the global batch.  There are no epochs: ``len()`` is ``round(N / global_batch)`` (at least
-    1), the steps per effective epoch, and each ``for batch in sampler`` pass yields that many batches,
-    continuing the same stream; :attr:`effective_epoch` = steps x global batch / N (eq. 8).
+    1), the steps per effective epoch; each ``for batch in sampler`` pass yields the rest of the current
+    effective epoch (``len()`` batches from a boundary, fewer after a mid-epoch ``load_state_dict`` or
+    ``next_batch`` calls), continuing the same stream; :attr:`effective_epoch` = steps x global batch / N
+    (eq. 8).  Ranks: see :class:`_BlindSampler`.
     ``set_epoch`` is accepted and has no effect.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None):
-        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
+        self._init_ranks(num_samples, batch_size, rank, world_size)
         self.seed = _check_seed(seed)
-        self._len = max(1, math.floor(num_samples / self.global_batch + 0.5))
+        self._steps = 0
+        if not self._pending:
+            self._materialize()
+
+    def _build(self) -> None:
+        self._len = max(1, math.floor(self.num_samples / self.global_batch + 0.5))
         self._gen = torch.Generator()
         self._gen.manual_seed(self.seed & _MASK63)
-        self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
-        self._steps = 0
-        self._lo = self.rank * batch_size
-        self._hi = self._lo + batch_size
-
-    def __len__(self) -> int:
-        return self._len
+        self._draws = _DistinctSlots(self.num_samples, self.global_batch, self._gen)
+        self._lo = self.rank * self.batch_size
+        self._hi = self._lo + self.batch_size
 
     def _next_indices(self) -> np.ndarray:
         row = self._draws.next()
         self._steps += 1
-        if self.world_size == 1:
+        if self._world_size == 1:
             return row.copy()
         return row[self._lo:self._hi].copy()
 
     def next_batch(self) -> Batch:
         """This rank's share of the next global batch of distinct, uniformly drawn indices."""
+        if self._unchecked:
+            self._first_draw()
         return Batch(torch.from_numpy(self._next_indices()))
 
     def __iter__(self) -> Iterator[list[int]]:
-        """``len(self)`` batches as lists of indices; the next pass continues the same stream."""
+        """The rest of the current effective epoch (``len(self)`` batches from a boundary) as lists of
+        indices; the next pass continues the same stream."""
+        self._start_pass()
         draws = self._draws
-        lo, hi, whole = self._lo, self._hi, self.world_size == 1
-        for _ in range(self._len):
+        lo, hi, whole = self._lo, self._hi, self._world_size == 1
+        for _ in range(self._rest_of_epoch()):
             row = draws.next()
             self._steps += 1
             yield row.tolist() if whole else row[lo:hi].tolist()
@@ -383,6 +552,8 @@ class ReplacementSampler(_BlindSampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
         from a sampler of another kind, size, batch or seed."""
+        if self._alone:
+            self._check_group()
         _check_state(state, "replacement", {"num_samples": self.num_samples,
                                             "global_batch": self.global_batch, "seed": self.seed})
         self._draws.load_state_dict(state["draws"])

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .base import Batch, SourceContext, check_sizes, rank_slice, register, resolve_rank
+from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, rank_slice, register, resolve_rank
 from .importance import _all_gather_cat, _fetcher, model_scorer
 
 __all__ = ["OnlineBatchSelection", "PrioritizedSampler", "rank_probabilities"]
@@ -120,6 +120,8 @@ class OnlineBatchSelection:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         self.seed = _check_seed(seed)
+        # set up for one process while no group exists: checked again at every draw (never duplicate)
+        self._alone = (rank is None or world_size is None) and not group_initialized()
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.num_samples, self.batch_size = num_samples, batch_size
         self.global_batch = batch_size * self.world_size
@@ -179,6 +181,8 @@ class OnlineBatchSelection:
 
     def next_batch(self) -> Batch:
         """Draw ``world_size * batch_size`` examples with replacement by loss rank; no weights."""
+        if self._alone:
+            self._alone = check_group(type(self).__name__)
         if self.recompute_every is not None and (
                 self.last_recompute is None or self.epoch - self.last_recompute >= self.recompute_every - 1e-12):
             self._recompute()
@@ -256,6 +260,8 @@ class PrioritizedSampler:
         if normalize not in ("batch", "global"):
             raise ValueError(f"normalize must be 'batch' or 'global', got {normalize!r}")
         self.seed = _check_seed(seed)
+        # set up for one process while no group exists: checked again at every draw (never duplicate)
+        self._alone = (rank is None or world_size is None) and not group_initialized()
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.num_samples, self.batch_size = num_samples, batch_size
         self.global_batch = batch_size * self.world_size
@@ -292,6 +298,8 @@ class PrioritizedSampler:
 
     def next_batch(self) -> Batch:
         """Draw ``world_size * batch_size`` examples with replacement from ``P``, with normalized weights."""
+        if self._alone:
+            self._alone = check_group(type(self).__name__)
         glob = torch.multinomial(self.probabilities(), self.global_batch, replacement=True, generator=self.generator)
         w = self.weights_for(glob).float()
         self._last = {"per_beta": self.beta, "per_weight_min": float(w.min())}

@@ -27,13 +27,14 @@ Everything is in :class:`ImportanceSampler`, a :class:`~sgdlab.sampling.base.Bat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, SourceContext, check_sizes, rank_slice, register, resolve_rank
+from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, rank_slice, register, resolve_rank
 
 __all__ = [
     "LOSSES",
@@ -296,6 +297,9 @@ def default_tau_th(presample: int, batch_size: int, cost_ratio: float = 2.0) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+OBSERVE_WARNING_STEPS = 200  # uniform steps without any observed scores before ImportanceSampler warns
+
+
 def _all_gather_cat(t: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate ``t`` (same shape on every rank) across ranks in rank order."""
     if world_size == 1:
@@ -333,12 +337,15 @@ class ImportanceSampler:
     replacement, unweighted (``weights=None``), and tau is updated in :meth:`observe` from the
     upper-bound scores of the trained batch, which the engine computes from the training forward pass
     (``wants_scores`` is True). Scores observed while active are ignored (the presample's were used).
+    In your own loop call ``observe(batch.indices, scores=upper_bound_scores(logits, y))`` after every
+    step: without it tau stays 0 and importance sampling never switches on, so the sampler warns after
+    ``OBSERVE_WARNING_STEPS`` uniform steps without any observed scores.
 
     Args:
         num_samples: dataset size ``N``.
         batch_size: ``b`` per rank.
         presample: ``B``, the number of uniformly presampled examples (global; not a multiple of
-            anything; divisible by ``world_size``).
+            anything; divisible by ``world_size``; at least the global batch ``world_size * b``).
         score_fn: ``score_fn(indices: LongTensor) -> scores`` (non-negative, one per index).
         tau_th: switch threshold; default :func:`default_tau_th` ``(B + (1+r) b) / ((1+r) b)`` with the
             global ``b`` and ``r = cost_ratio``. Use ``0`` to always sample by importance after the
@@ -379,11 +386,16 @@ class ImportanceSampler:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         _parse_smoothing(smoothing)
+        # set up for one process while no group exists: checked again at every draw (never duplicate)
+        self._alone = (rank is None or world_size is None) and not group_initialized()
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if presample % self.world_size:
             raise ValueError(f"presample ({presample}) must be divisible by world_size ({self.world_size})")
         self.num_samples, self.batch_size, self.presample = num_samples, batch_size, presample
         self.global_batch = batch_size * self.world_size
+        if presample < self.global_batch:
+            raise ValueError(f"presample ({presample}) must be at least the global batch size ({self.global_batch} = "
+                             f"batch_size x world_size): the batch is resampled from the presample")
         if tau_th is None:
             tau_th = default_tau_th(presample, self.global_batch, cost_ratio)
         tau_th = float(tau_th)
@@ -397,6 +409,7 @@ class ImportanceSampler:
         self._active = False
         self.steps = 0
         self.is_steps = 0
+        self._observed = False
         self._last: dict[str, float] = {}
 
     # -- state ---------------------------------------------------------------------------------
@@ -435,8 +448,15 @@ class ImportanceSampler:
 
     def next_batch(self) -> Batch:
         """Draw the next batch: by importance (weighted) while ``tau > tau_th``, else uniformly."""
+        if self._alone:
+            self._alone = check_group(type(self).__name__)
         self._active = self._tau > self.tau_th
         self.steps += 1
+        if self.steps == OBSERVE_WARNING_STEPS and not self._observed and not self._active:
+            warnings.warn(f"ImportanceSampler has drawn {self.steps} uniform batches and observe() was never called "
+                          "with scores: tau stays 0 and importance sampling never switches on; call "
+                          "sampler.observe(batch.indices, scores=upper_bound_scores(logits, y)) after every step",
+                          UserWarning, stacklevel=2)
         if not self._active:
             glob = torch.randint(self.num_samples, (self.global_batch,), generator=self.generator)
             self._last = {"is_weight_max": 1.0, "is_weight_min": 1.0}
@@ -458,6 +478,8 @@ class ImportanceSampler:
 
         Under DDP the scores of all ranks are gathered first, so every rank keeps the same tau.
         """
+        if scores is not None:
+            self._observed = True
         if self._active or scores is None:
             return
         s = torch.as_tensor(scores).detach().reshape(-1)

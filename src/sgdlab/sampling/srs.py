@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import Batch, register
-from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _resolve
+from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options
 
 __all__ = ["SequencedReplacementSampler"]
 
@@ -49,44 +49,49 @@ class SequencedReplacementSampler(_BlindSampler):
     rank, world_size:
         Data parallelism: every rank runs the same pool with the same draws and keeps the ``rank``-th
         contiguous share of the global batch (no communication).  Default: the initialized process
-        group, else a single process.
+        group -- at construction, or at first use if none exists yet; a sampler that had to settle on one
+        process raises instead of duplicating batches once a multi-rank group appears.
 
     Each step costs O(B) work independent of N (a block of slot draws is generated every few hundred
     steps, see :class:`~sgdlab.sampling.blind._DistinctSlots`); the pool and the sequence take O(N)
     memory once.  ``len()`` is ``round(N / global_batch)`` (at least 1), the number of steps in an
     effective epoch, matching the paper's n_B = round(N / B); each ``for batch in sampler`` pass yields
-    that many ``list[int]`` batches and the next pass continues the same stream.  :attr:`effective_epoch`
+    the rest of the current effective epoch as ``list[int]`` batches (all ``len()`` of them from a
+    boundary, the remainder after a mid-epoch resume) and the next pass continues the same stream.  :attr:`effective_epoch`
     is the exact ratio steps x global batch / N.  ``set_epoch`` is accepted for compatibility with
     ``DistributedSampler``-style loops and has no effect: SRS has no epochs.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, order: str = "random",
                  rank: int | None = None, world_size: int | None = None):
-        self.rank, self.world_size, self.global_batch = _resolve(num_samples, batch_size, rank, world_size)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
+        self._init_ranks(num_samples, batch_size, rank, world_size)
         self.seed = _check_seed(seed)
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, _ORDERS))}, got {order!r}")
         self.order = order
-        self._len = max(1, math.floor(num_samples / self.global_batch + 0.5))
+        self._cursor = 0
+        self._steps = 0
+        if not self._pending:
+            self._materialize()
+
+    def _build(self) -> None:
+        n = self.num_samples
+        self._len = max(1, math.floor(n / self.global_batch + 0.5))
         self._gen = torch.Generator()
         self._gen.manual_seed(self.seed & _MASK63)
-        if order == "random":
-            sequence = torch.randperm(num_samples, generator=self._gen)
+        if self.order == "random":
+            sequence = torch.randperm(n, generator=self._gen)
         else:
-            sequence = torch.arange(num_samples)
+            sequence = torch.arange(n)
         # The sequence followed by its first G entries: every refill window is one contiguous slice.
         self._seq_ext = torch.cat([sequence, sequence[: self.global_batch]]).numpy()
         self._pool = sequence.numpy().copy()  # the pool initially holds every example once
-        self._cursor = 0
-        self._steps = 0
-        self._draws = _DistinctSlots(num_samples, self.global_batch, self._gen)
-        self._lo = self.rank * batch_size
-        self._hi = self._lo + batch_size
+        self._draws = _DistinctSlots(n, self.global_batch, self._gen)
+        self._lo = self.rank * self.batch_size
+        self._hi = self._lo + self.batch_size
 
-    def __len__(self) -> int:
-        return self._len
+    def _init_kwargs(self) -> dict:
+        return {"seed": self.seed, "order": self.order}
 
     # -- the algorithm ------------------------------------------------------------------------------
 
@@ -97,12 +102,15 @@ class SequencedReplacementSampler(_BlindSampler):
         given, with the next ``len(slots)`` examples of the sequence.  ``next_batch`` calls this with
         uniformly drawn slots; tests call it with chosen slots to walk the paper's Fig. 1.
         """
-        g = self.global_batch
         if not isinstance(slots, np.ndarray):
+            if self._pending:
+                self._materialize()
+            g = self._global_batch
             slots = np.asarray(slots, dtype=np.int64)
             if slots.shape != (g,) or len(np.unique(slots)) != g or slots.min() < 0 \
                     or slots.max() >= self.num_samples:
                 raise ValueError(f"slots must be {g} distinct positions in [0, {self.num_samples})")
+        g = self._global_batch
         pool = self._pool
         batch = pool[slots]
         c = self._cursor
@@ -112,18 +120,26 @@ class SequencedReplacementSampler(_BlindSampler):
         self._steps += 1
         return batch
 
+    def _next_indices(self) -> np.ndarray:
+        batch = self._step(self._draws.next())
+        return batch[self._lo:self._hi] if self._world_size > 1 else batch
+
     def next_batch(self) -> Batch:
         """This rank's share of the next SRS global batch (the global batch may repeat an example)."""
+        if self._unchecked:
+            self._first_draw()
         batch = self._step(self._draws.next())
-        if self.world_size > 1:
+        if self._world_size > 1:
             batch = batch[self._lo:self._hi]
         return Batch(torch.from_numpy(batch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        """``len(self)`` batches as lists of indices (one effective epoch); the next pass continues."""
+        """The rest of the current effective epoch (``len(self)`` batches from a boundary) as lists of
+        indices; the next pass continues the stream."""
+        self._start_pass()
         draws, step = self._draws, self._step
-        lo, hi, whole = self._lo, self._hi, self.world_size == 1
-        for _ in range(self._len):
+        lo, hi, whole = self._lo, self._hi, self._world_size == 1
+        for _ in range(self._rest_of_epoch()):
             batch = step(draws.next())
             yield batch.tolist() if whole else batch[lo:hi].tolist()
 
@@ -132,11 +148,15 @@ class SequencedReplacementSampler(_BlindSampler):
     @property
     def pool(self) -> torch.Tensor:
         """A copy of the pool: ``pool[s]`` is the example currently in slot ``s``."""
+        if self._pending:
+            self._materialize()
         return torch.from_numpy(self._pool.copy())
 
     @property
     def sequence(self) -> torch.Tensor:
         """A copy of the cyclic sequence of examples used to refill the pool."""
+        if self._pending:
+            self._materialize()
         return torch.from_numpy(self._seq_ext[: self.num_samples].copy())
 
     @property
@@ -161,6 +181,8 @@ class SequencedReplacementSampler(_BlindSampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the sampler that saved ``state`` stood; ValueError if ``state`` comes
         from a sampler of another kind, size, batch or seed."""
+        if self._alone:
+            self._check_group()
         _check_state(state, "srs", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                     "seed": self.seed, "order": self.order})
         pool = state["pool"]

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 
-__all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict"]
+__all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict",
+           "import_plugins", "add_cli_imports"]
 
 
 def _reject_bool_numbers(cls, value, info):
@@ -200,6 +201,7 @@ class Config(_Strict):
     fast: FastConfig = Field(default_factory=FastConfig)
     name: str | None = None
     notes: str | None = None
+    imports: list[str] = Field(default_factory=list)
 
     @field_validator("duration", mode="before")
     @classmethod
@@ -407,7 +409,9 @@ def _fill_builder_defaults(cfg: Config) -> None:
 
     sections = (
         (cfg.data, _options_of(_builder(cfg.data.name)), tuple(DataConfig.model_fields)),
-        (cfg.model, _options_of(model_registry._entry(cfg.model.name).builder, ("num_classes",)),
+        # the input-shape parameters are left out: the engine fills them from the data at build time
+        (cfg.model, _options_of(model_registry._entry(cfg.model.name).builder,
+                                ("num_classes", *model_registry.SHAPE_PARAMETERS, "length", "size")),
          tuple(ModelConfig.model_fields)),
         (cfg.sampler, _options_of(sampling_base._REGISTRY[cfg.sampler.name], ("ctx",), through_return=True),
          tuple(SamplerConfig.model_fields)),
@@ -483,11 +487,49 @@ def read_raw_config(source) -> dict:
     return raw
 
 
+_CLI_IMPORTS: list[str] = []
+
+
+def import_plugins(modules) -> None:
+    """Import the user modules named in a config's ``imports`` (they register datasets, models, samplers or
+    loss transforms); modules are looked up on ``sys.path`` and in the current directory."""
+    if modules is None:
+        return
+    if isinstance(modules, str) or not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"invalid value for 'imports': expected a list of module names, got {modules!r}")
+    import importlib
+    import os
+    import sys
+
+    for name in modules:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import {name!r} ({e})") from None
+
+
+def add_cli_imports(modules: list[str]) -> None:
+    """Import ``modules`` now (``sgdlab --import``) and add them to the ``imports`` of every config loaded
+    afterwards in this process, so the run directories record them for ``resume``, ``analyze`` and sweeps."""
+    import_plugins(list(modules))
+    _CLI_IMPORTS.extend(m for m in modules if m not in _CLI_IMPORTS)
+
+
 def load_config(source=None, overrides: list[str] | None = None) -> Config:
-    """Validate a config from a YAML path, a dict, or a :class:`Config` (plus dotted overrides)."""
+    """Validate a config from a YAML path, a dict, or a :class:`Config` (plus dotted overrides).
+
+    The modules listed under ``imports`` (and any given with ``--import``) are imported first, so the names
+    they register are known to the checks.
+    """
     raw = read_raw_config(source)
     if overrides:
         raw = apply_overrides(raw, overrides)
+    if _CLI_IMPORTS:
+        have = raw.get("imports") if isinstance(raw.get("imports"), list) else []
+        raw["imports"] = list(have) + [m for m in _CLI_IMPORTS if m not in have]
+    import_plugins(raw.get("imports"))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:

@@ -77,10 +77,15 @@ def build_dataset(cfg: Config) -> data_lib.Dataset:
     return ds.normalized() if cfg.data.normalize else ds
 
 
-def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The configured model from the registry (ConfigError naming ``model`` if its options are invalid)."""
+def build_model(cfg: Config, num_classes: int, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """The configured model from the registry (ConfigError naming ``model`` if its options are invalid).
+
+    ``input_shape`` (the dataset's per-example shape) fills the builder's input parameters the config leaves
+    unset (``in_features``, ``in_channels``, ...; see :func:`sgdlab.models.shape_kwargs`).
+    """
     try:
-        return models.create(cfg.model.name, num_classes=num_classes, **cfg.model.extras())
+        return models.create(cfg.model.name, num_classes=num_classes, input_shape=input_shape,
+                             **cfg.model.extras())
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -371,7 +376,7 @@ def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ds = build_dataset(cfg)
-    model = build_model(cfg, ds.num_classes)
+    model = build_model(cfg, ds.num_classes, ds.input_shape)
     state = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return cfg, model.to(device).eval(), ds
@@ -411,7 +416,7 @@ class _Run:
             fill = fill.to(data_device) if isinstance(fill, torch.Tensor) else fill
         self.fill = fill
 
-        model = build_model(cfg, ds.num_classes)
+        model = build_model(cfg, ds.num_classes, ds.input_shape)
         wanted = threads if threads is not None else cfg.threads
         self.threads = auto_threads(sum(p.numel() for p in model.parameters())) if wanted == "auto" else int(wanted)
         torch.set_num_threads(self.threads)

@@ -1,0 +1,12 @@
+"""Optional adapters for other training stacks; each submodule imports its framework when it is imported.
+
+- :mod:`sgdlab.integrations.lightning` -- ``SamplerCheckpoint``, a Lightning callback that checkpoints a
+  sampler at the last trained batch (exact with DataLoader workers) (``pip install 'sgdlab[lightning]'``).
+- :mod:`sgdlab.integrations.accelerate` -- ``prepare_loader``, a loader for Hugging Face Accelerate that
+  keeps the sampler's own DDP slicing and resumes exactly through ``save_state``/``load_state``
+  (``pip install 'sgdlab[accelerate]'``).
+
+Nothing else in sgdlab imports this package.  The recipes are in docs/frameworks.md.
+"""
+
+__all__: list[str] = []
