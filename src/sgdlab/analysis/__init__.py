@@ -11,8 +11,10 @@ from .equilibrium import (
     log_probability_ratio,
     relative_minimum_probability,
 )
+from .estimators import estimate_trace, slq, top_eigenvalues
 from .hessian import (
     EigenResult,
+    GGNOperator,
     HessianOperator,
     SpectralDensity,
     TraceEstimate,
@@ -26,6 +28,7 @@ from .hessian import (
 )
 from .interpolation import evaluate, interpolate, interpolation_coefficients
 from .noise import gradient_noise_scale, gradient_noise_stats, sgd_noise_scale
+from .operators import CurvatureOperator, curvature_operator
 from .plots import plot_interpolation, plot_sharpness_vs_batch, plot_spectral_density
 from .sharpness import keskar_sharpness, model_sharpness, random_subspace
 
@@ -35,6 +38,12 @@ __all__: list[str] = [
     "random_subspace",
     "hvp",
     "HessianOperator",
+    "GGNOperator",
+    "CurvatureOperator",
+    "curvature_operator",
+    "top_eigenvalues",
+    "estimate_trace",
+    "slq",
     "EigenResult",
     "TraceEstimate",
     "SpectralDensity",

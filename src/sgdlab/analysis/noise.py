@@ -32,6 +32,7 @@ from ._data import (
     model_device,
     num_examples,
     trainable_parameters,
+    unwrap_model,
 )
 
 __all__ = ["sgd_noise_scale", "gradient_noise_scale", "gradient_noise_stats"]
@@ -75,6 +76,7 @@ def gradient_noise_stats(
     The model is evaluated in eval mode. Returns a dict with ``b_simple``, ``grad_norm_sq``, ``trace_cov``,
     ``method``, ``num_examples`` (and ``*_stderr``, ``batch_sizes``, ``num_pairs`` for two_batch).
     """
+    model = unwrap_model(model)
     named = trainable_parameters(model)
     device = model_device(model)
     batches = as_batches(data, device=device)
