@@ -5,6 +5,7 @@ Every function takes ``data`` as an ``(x, y)`` pair of tensors or an iterable of
 weighted by size), computed with the model in eval mode (its mode is restored).
 """
 
+from .blocks import BlockTable, block_partition, curvature_blocks
 from .equilibrium import (
     hessian_logdet,
     log_minimum_weight,
@@ -44,6 +45,9 @@ __all__: list[str] = [
     "top_eigenvalues",
     "estimate_trace",
     "slq",
+    "curvature_blocks",
+    "block_partition",
+    "BlockTable",
     "EigenResult",
     "TraceEstimate",
     "SpectralDensity",
