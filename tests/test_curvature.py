@@ -223,3 +223,25 @@ def test_estimator_argument_errors():
         estimate_trace(op, data_resamples=5)
     with pytest.raises(ValueError, match="k=5 exceeds"):
         top_eigenvalues(op, k=5)
+
+
+def test_curvature_blocks_table_partitions_parameters_and_traces_sum():
+    from sgdlab.analysis import block_partition, curvature_blocks
+
+    model, data = trained_mlp(batchnorm=True, steps=50)
+    assert block_partition(model, "layers") == {"0": ["0.weight", "0.bias"], "1": ["1.weight", "1.bias"],
+                                                 "3": ["3.weight", "3.bias"]}
+    # a budget of at least each block's size makes every block trace exact
+    table = curvature_blocks(model, F.cross_entropy, data, num_matvecs=60, k=1, tol=1e-8, max_iter=60)
+    full = dense_hessian(model, data)
+    assert [r.label for r in table.rows] == ["0", "1", "3"]
+    assert sum(r.num_params for r in table.rows) == full.shape[0]
+    assert table.sum_of_traces == pytest.approx(torch.trace(full).item(), rel=1e-9)
+    assert [r.trace.method for r in table.rows] == ["exact", "exact", "exact"]
+    top = torch.linalg.eigvalsh(full)[-1].item()
+    assert table.total.top.values[0].item() == pytest.approx(top, rel=1e-6)
+    assert all(r.top.values[0].item() <= top * (1 + 1e-6) for r in table.rows)  # Cauchy interlacing
+    assert "3" in table.format() and table.as_dict()["sum_of_block_traces"] == table.sum_of_traces
+    stages = block_partition(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 1)),
+                             "stages")
+    assert list(stages) == ["0", "1"] and len(stages["0"]) == 4
