@@ -245,3 +245,17 @@ def test_curvature_blocks_table_partitions_parameters_and_traces_sum():
     stages = block_partition(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 1)),
                              "stages")
     assert list(stages) == ["0", "1"] and len(stages["0"]) == 4
+
+
+def test_krylov_deflated_trace_is_unbiased_covers_and_beats_hutchpp():
+    eigs = [100.0 / (i + 1) ** 2 for i in range(60)]
+    a = sym_with_eigs(eigs, seed=5)
+    t = sum(eigs)
+    kr = [estimate_trace(MatrixOperator(a), method="krylov", num_matvecs=15, seed=s) for s in range(200)]
+    pp = [estimate_trace(MatrixOperator(a), method="hutch++", num_matvecs=15, seed=s) for s in range(200)]
+    assert all(e.num_matvecs == 15 for e in kr)
+    vals = np.array([e.value for e in kr])
+    assert abs(vals.mean() - t) <= 4 * vals.std(ddof=1) / math.sqrt(len(vals))  # unbiased
+    assert np.mean(np.abs(vals - t)) < 0.5 * np.mean([abs(e.value - t) for e in pp])
+    cov = np.mean([lo <= t <= hi for lo, hi in (e.interval(0.95) for e in kr)])
+    assert abs(cov - 0.95) <= 3 * math.sqrt(0.95 * 0.05 / len(kr)), cov

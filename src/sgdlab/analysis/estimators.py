@@ -43,7 +43,7 @@ __all__ = [
     "TRACE_METHODS",
 ]
 
-TRACE_METHODS = ("hutchinson", "hutch++", "exact")
+TRACE_METHODS = ("hutchinson", "hutch++", "krylov", "exact")
 
 
 def rademacher(dim: int, generator: torch.Generator, device: Any = "cpu", n: int | None = None) -> torch.Tensor:
@@ -404,8 +404,8 @@ def estimate_trace(
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {', '.join(TRACE_METHODS)}, got {method!r}")
     m = int(num_matvecs)
-    if m != num_matvecs or (method == "hutchinson" and m < 2) or (method == "hutch++" and m < 4):
-        need = 2 if method == "hutchinson" else 4
+    need = {"hutchinson": 2, "hutch++": 4, "krylov": 3, "exact": 0}[method]
+    if m != num_matvecs or m < need:
         raise ValueError(f"num_matvecs must be an integer >= {need} for {method}, got {num_matvecs!r}")
     n_res = _check_resamples(op, data_resamples)
     gen = torch.Generator().manual_seed(int(seed))
@@ -423,6 +423,8 @@ def estimate_trace(
             value, se = mean_se(samples)
         elif method == "hutch++":
             value, se, samples = _hutchpp(op, m, gen)
+        elif method == "krylov":
+            value, se, samples = _krylov_deflated(op, m, gen)
         else:
             eye = torch.zeros(op.dim, dtype=torch.float64, device=op.device)
             total = 0.0
@@ -457,6 +459,24 @@ def _hutchpp(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[
         z = rademacher(op.dim, gen, op.device)
         z = z - q @ (q.T @ z)
         samples.append(float(torch.dot(z, op.matvec(z).to(torch.float64))))
+    mu, se = mean_se(samples)
+    return top + mu, se, samples
+
+
+def _krylov_deflated(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[float]]:
+    steps = min(m // 2, op.dim)
+    run = lanczos(op.matvec, op.dim, steps, v0=rademacher(op.dim, gen, op.device), generator=gen,
+                  device=op.device, keep_basis=True)
+    q = run.basis.T  # dim x steps, orthonormal columns
+    top = float(np.sum(run.alpha))  # tr(Q^T A Q): the Lanczos diagonal q_j^T A q_j
+    samples = []
+    for _ in range(m - run.steps):
+        z = rademacher(op.dim, gen, op.device)
+        z = z - q @ (q.T @ z)
+        z = z - q @ (q.T @ z)  # twice: the projection must hold to rounding
+        samples.append(float(torch.dot(z, op.matvec(z).to(torch.float64))))
+    if run.steps >= op.dim:  # the Krylov space is the whole space: exact
+        return top, 0.0, []
     mu, se = mean_se(samples)
     return top + mu, se, samples
 
