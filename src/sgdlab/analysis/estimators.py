@@ -212,6 +212,7 @@ def top_eigenvalues(
     seed: int = 0,
     return_vectors: bool = False,
     data_resamples: int = 0,
+    v0: torch.Tensor | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenvalues of a symmetric operator with convergence information.
 
@@ -222,7 +223,8 @@ def top_eigenvalues(
     in *magnitude* of the remaining spectrum (it may be negative); stops when the Rayleigh quotient
     changes by at most ``tol * |lambda|`` and the residual ``||Av - lambda v||`` is at most
     ``sqrt(tol) * |lambda|`` (default ``tol=1e-4``, ``max_iter=200`` per eigenvalue); otherwise
-    ``converged`` is False. The lecture notes "Towards Understanding SGD" (papers/004, section 2) use the
+    ``converged`` is False. ``v0`` sets the (first) start vector instead of a seeded Gaussian one, e.g.
+    the top eigenvector of an earlier checkpoint to track it during training. The lecture notes "Towards Understanding SGD" (papers/004, section 2) use the
     top Hessian eigenvalue as the flatness measure.
     """
     if int(k) != k or k < 1:
@@ -236,8 +238,8 @@ def top_eigenvalues(
     start = getattr(op, "num_matvecs", 0)
     gen = torch.Generator().manual_seed(int(seed))
     try:
-        res = _lanczos_top(op, k, max_iter, tol, gen, return_vectors) if method == "lanczos" else \
-            _power_top(op, k, max_iter, tol, gen, return_vectors)
+        res = _lanczos_top(op, k, max_iter, tol, gen, return_vectors, v0) if method == "lanczos" else \
+            _power_top(op, k, max_iter, tol, gen, return_vectors, v0)
     finally:
         if hasattr(op, "release"):
             op.release()
@@ -254,10 +256,11 @@ def top_eigenvalues(
     return res
 
 
-def _lanczos_top(op, k, max_iter, tol, gen, return_vectors) -> EigenResult:
+def _lanczos_top(op, k, max_iter, tol, gen, return_vectors, v0=None) -> EigenResult:
     tol = 1e-5 if tol is None else float(tol)
     steps = min(op.dim, max(int(max_iter or 100), k + 1) if op.dim > k else op.dim)
-    run = lanczos(op.matvec, op.dim, steps, generator=gen, device=op.device, k=k, tol=tol if tol > 0 else None)
+    run = lanczos(op.matvec, op.dim, steps, v0=v0, generator=gen, device=op.device, k=k,
+                  tol=tol if tol > 0 else None)
     theta, s = tridiag_eig(run.alpha, run.beta)
     order = np.argsort(theta)[::-1][:k]
     values = torch.tensor(theta[order].copy(), dtype=torch.float64)
@@ -278,14 +281,16 @@ def _deflate(v: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
     return v
 
 
-def _power_top(op, k, max_iter, tol, gen, return_vectors) -> EigenResult:
+def _power_top(op, k, max_iter, tol, gen, return_vectors, v0=None) -> EigenResult:
     tol = 1e-4 if tol is None else float(tol)
     max_iter = int(max_iter or 200)
     found: list[torch.Tensor] = []
     vals, ress, conv = [], [], []
     total_iters = 0
-    for _ in range(k):
+    for i in range(k):
         v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device)
+        if i == 0 and v0 is not None:
+            v = v0.reshape(-1).to(device=op.device, dtype=torch.float64).clone()
         v = _deflate(v, found)
         v /= v.norm()
         lam_prev = None
