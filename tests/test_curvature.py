@@ -136,6 +136,12 @@ def test_lanczos_budget_and_power_on_generic_operator():
     assert res.values.tolist() == pytest.approx([9.0, 5.0], rel=1e-8)
     power = top_eigenvalues(MatrixOperator(op.a), k=1, method="power", tol=1e-10, max_iter=500)
     assert power.values[0].item() == pytest.approx(9.0, rel=1e-6)
+    # a warm start on the top eigenvector: the first Ritz value is already exact
+    vec = torch.linalg.eigh(op.a).eigenvectors[:, -1]
+    warm = top_eigenvalues(MatrixOperator(op.a), k=1, max_iter=2, tol=0, v0=vec)
+    assert warm.num_matvecs == 2 and warm.values[0].item() == pytest.approx(9.0, rel=1e-12)
+    cold = top_eigenvalues(MatrixOperator(op.a), k=1, max_iter=2, tol=0)
+    assert abs(cold.values[0].item() - 9.0) > 1e-3
 
 
 def _coverage(make_estimate, truth, repeats):

@@ -165,7 +165,7 @@ def hessian_trace_estimate(
     ``method="hutchinson"`` (default): ``tr(H) = E_z[z^T H z]``, ``z`` Rademacher (Hutchinson 1990); if
     ``rtol`` is given, stops early once at least ``min_samples`` have been drawn and the standard error is
     at most ``rtol * |estimate|``. ``method="hutch++"``: Meyer et al. (2021), Algorithm 1, with the same
-    number of products; ``"exact"``: ``dim`` products. See :func:`sgdlab.analysis.estimators.trace`.
+    number of products; ``"exact"``: ``dim`` products. See :func:`sgdlab.analysis.estimators.estimate_trace`.
     """
     if method == "hutchinson" and num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to give a standard error, got {num_samples}")
