@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._data import unflatten
 from .estimators import (
     EigenResult,
     LanczosRun,
@@ -78,9 +79,7 @@ def hvp(
     out = op.matvec(flat)
     if isinstance(v, torch.Tensor):
         return out
-    from .operators import _split
-
-    return [t.to(p.dtype) for t, p in zip(_split(out, op.params), op.params)]
+    return [t.to(p.dtype) for t, p in zip(unflatten(out, op.params), op.params)]
 
 
 def hessian_eigen(

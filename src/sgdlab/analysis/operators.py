@@ -36,6 +36,7 @@ from ._data import (
     model_device,
     num_examples,
     select_parameters,
+    unflatten,
     unwrap_model,
 )
 
@@ -106,7 +107,7 @@ class CurvatureOperator:
         v = torch.as_tensor(v)
         if v.numel() != self.dim:
             raise ValueError(f"v has {v.numel()} entries, the block has {self.dim} trainable parameters")
-        vs = _split(v.reshape(-1).to(device=self.device, dtype=self.dtype), self.params)
+        vs = unflatten(v.reshape(-1).to(device=self.device, dtype=self.dtype), self.params)
         out = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         with eval_mode(self.model):
             for i, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
@@ -276,14 +277,6 @@ def curvature_operator(
     if curvature != "hessian":
         kwargs.pop("cache_graph", None)
     return OPERATORS[curvature](model, loss_fn, data, block=block, **kwargs)
-
-
-def _split(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(v[i : i + t.numel()].view_as(t))
-        i += t.numel()
-    return out
 
 
 def _flat_or_zero(gs: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
