@@ -6,12 +6,17 @@ the data loss (cross-entropy, no weight decay) in eval mode, and writes ``RUN_DI
 
 - ``sharpness``: Keskar sharpness (papers/004 eq. 2) on the training data for each ``eps`` (default
   1e-3 and 5e-4), in the full space and (``subspace_dim``, default 100) in a random subspace.
-- ``hessian``: top-``k`` eigenvalues (Lanczos) with residuals, Hutchinson trace with standard error, and
-  the SLQ spectral density (``hessian_density.png``).
+- ``hessian``: top-``k`` eigenvalues (Lanczos) with residuals, the trace (Hutch++ by default) with its
+  standard error and 95% interval, the SLQ spectral density (``hessian_density.png``); ``blocks`` adds
+  the per-layer (or per-stage) table of traces and top eigenvalues; ``curvature="ggn"`` analyses the
+  generalised Gauss-Newton matrix instead; ``data_resamples`` adds bootstrap error bars over the data.
 - ``interpolate``: loss/accuracy on train and test along ``theta(alpha)`` from RUN_DIR_1 (alpha 0) to
   RUN_DIR_2 (alpha 1) for ``path`` linear and sincos (``interpolate_<path>.png``, as papers/004 Fig. 5).
 - ``noise``: SGD noise scale ``lr/(1-m) (N/B - 1)`` from the config and the gradient noise scale
-  ``B_simple`` (exact per-example and two-batch estimates).
+  ``B_simple``: exact per-example where affordable, and the two-batch estimate from ``num_pairs`` pairs
+  with a bootstrap interval and a reliability flag.
+
+:func:`format_results` renders the numbers as the table that ``sgdlab analyze`` prints.
 """
 
 from __future__ import annotations
