@@ -52,3 +52,51 @@ def test_noise_scale_uses_the_global_batch_of_a_data_parallel_run(runs, tmp_path
     n = one["num_samples"]
     assert one["g"] == pytest.approx(0.1 / (1 - 0.9) * (n / 100 - 1))
     assert two["g"] == pytest.approx(0.1 / (1 - 0.9) * (n / 200 - 1))
+
+
+def test_analyze_hessian_blocks_prints_the_per_block_table(runs, capsys):
+    code = main(["analyze", "hessian", str(runs / "small"), "--blocks", "-k", "2", "--examples", "300",
+                 "--samples", "12"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads((runs / "small" / "analysis" / "hessian.json").read_text())
+    blocks = result["blocks"]["blocks"]
+    assert len(blocks) == 2  # the two Linear layers of the MLP
+    for b in blocks:  # every block's numbers are printed, not only the file paths
+        assert b["block"] in out and f"{b['trace']['value']:.6g}" in out
+        assert f"{b['top_eigenvalues']['values'][0]:.6g}" in out
+    # the layers partition the parameters, and their traces sum as printed
+    assert sum(b["num_params"] for b in blocks) == result["spectral_density"]["dim"]
+    assert result["blocks"]["sum_of_block_traces"] == pytest.approx(sum(b["trace"]["value"] for b in blocks))
+    assert f"{result['eigenvalues']['values'][0]:.6g}" in out and "95% interval" in out
+    assert result["num_examples"] == 300 and len(result["eigenvalues"]["values"]) == 2
+
+
+def test_analyze_noise_prints_the_interval(runs, capsys):
+    assert main(["analyze", "noise", str(runs / "small"), "--examples", "200", "--pairs", "20",
+                 "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((runs / "small" / "analysis" / "noise.json").read_text())
+    tb = result["gradient_noise_scale"]["two_batch"]
+    assert result["split"] == "test" and tb["num_pairs"] == 20
+    assert f"{tb['b_simple_interval'][0]:.5g}" in out and "two-batch" in out
+    assert f"{result['gradient_noise_scale']['exact']['b_simple']:.5g}" in out
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["analyze", "hessian", "{run}", "-k", "0"], "k must be a positive integer"),
+    (["analyze", "hessian", "{run}", "--samples", "3"], "samples must be an integer >= 4"),
+    (["analyze", "hessian", "{run}", "--resamples", "1"], "resamples"),
+    (["analyze", "sharpness", "{run}", "--eps", "-1"], "eps must be positive"),
+    (["analyze", "noise", "{run}", "--noise-batch-sizes", "64,8"], "noise-batch-sizes"),
+    (["analyze", "hessian", "{missing}"], "does not exist"),
+    (["analyze", "hessian", "{empty}"], "not a finished run directory (no config.yaml)"),
+    (["analyze", "interpolate", "{run}"], "takes 2 run directories"),
+])
+def test_analyze_errors_are_one_line_with_exit_2(runs, tmp_path, capsys, argv, word):
+    (tmp_path / "empty").mkdir()
+    paths = {"run": str(runs / "small"), "missing": str(tmp_path / "nope"), "empty": str(tmp_path / "empty")}
+    code = main([a.format(**paths) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert word in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -63,16 +63,40 @@ def _cmd_check(args) -> int:
 def _cmd_analyze(args) -> int:
     from rich.console import Console
 
+    from .experiments.analyze import format_results
     from .experiments.analyze import main as analyze_main
 
+    opts = {k: v for k, v in {
+        "k": args.k, "eps": args.eps, "max_examples": args.examples, "split": args.split, "seed": args.seed,
+        "num_samples": args.samples, "trace_method": args.trace_method, "blocks": args.blocks,
+        "curvature": args.curvature, "data_resamples": args.resamples, "num_pairs": args.pairs,
+        "noise_batch_sizes": args.noise_batch_sizes, "batch_size": args.batch_size,
+    }.items() if v is not None}
     where = ", ".join(str(d) for d in args.run_dirs)
-    with Console(stderr=True).status(f"sgdlab analyze {args.kind}: {where} (Hessian and sharpness "
-                                     "take about a minute on a CPU)"):
-        result = analyze_main(args.kind, args.run_dirs)
-    if isinstance(result, dict) and result.get("written"):
-        for p in result["written"]:
-            print(p)
+    try:
+        with Console(stderr=True).status(f"sgdlab analyze {args.kind}: {where} (Hessian and sharpness "
+                                         "take about a minute on a CPU)"):
+            result = analyze_main(args.kind, args.run_dirs, **opts)
+    except (ValueError, FileNotFoundError) as e:  # bad option or run directory: one line, exit 2
+        print(f"sgdlab: error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(result))
     return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _two_ints(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B_SMALL,B_BIG (two integers), got {text!r}") from None
+    return a, b
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="diagnostics of trained runs (JSON + PNG into the run directory)")
     a.add_argument("kind", choices=["sharpness", "hessian", "interpolate", "noise"])
     a.add_argument("run_dirs", nargs="+")
+    a.add_argument("-k", type=int, help="hessian: number of top eigenvalues (default 5)")
+    a.add_argument("--eps", type=_floats, help="sharpness: box sizes, comma-separated (default 1e-3,5e-4)")
+    a.add_argument("--examples", type=int, help="use a seeded subset of this many examples (default: all)")
+    a.add_argument("--split", choices=["train", "test"], help="data to evaluate on (default train)")
+    a.add_argument("--batch-size", type=int, help="evaluation batch size (results do not depend on it)")
+    a.add_argument("--seed", type=int, help="seed of the subset, probes and pairs (default 0)")
+    a.add_argument("--samples", type=int, help="hessian: products for the trace estimate (default 99)")
+    a.add_argument("--trace-method", choices=["hutch++", "krylov", "hutchinson", "exact"], help="default hutch++")
+    a.add_argument("--blocks", nargs="?", const="layers", choices=["layers", "stages"],
+                   help="hessian: also print trace and top eigenvalue per layer (or per stage)")
+    a.add_argument("--curvature", choices=["hessian", "ggn"], help="hessian: matrix to analyse")
+    a.add_argument("--resamples", type=int, help="hessian: bootstrap resamples of the data for error bars")
+    a.add_argument("--pairs", type=int, help="noise: batch pairs of the two-batch estimate (default 200)")
+    a.add_argument("--noise-batch-sizes", type=_two_ints, help="noise: B_SMALL,B_BIG (default 16,256)")
     a.set_defaults(fn=_cmd_analyze)
 
     try:

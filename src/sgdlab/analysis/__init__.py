@@ -5,14 +5,17 @@ Every function takes ``data`` as an ``(x, y)`` pair of tensors or an iterable of
 weighted by size), computed with the model in eval mode (its mode is restored).
 """
 
+from .blocks import BlockTable, block_partition, curvature_blocks
 from .equilibrium import (
     hessian_logdet,
     log_minimum_weight,
     log_probability_ratio,
     relative_minimum_probability,
 )
+from .estimators import estimate_trace, slq, top_eigenvalues
 from .hessian import (
     EigenResult,
+    GGNOperator,
     HessianOperator,
     SpectralDensity,
     TraceEstimate,
@@ -26,6 +29,7 @@ from .hessian import (
 )
 from .interpolation import evaluate, interpolate, interpolation_coefficients
 from .noise import gradient_noise_scale, gradient_noise_stats, sgd_noise_scale
+from .operators import CurvatureOperator, curvature_operator
 from .plots import plot_interpolation, plot_sharpness_vs_batch, plot_spectral_density
 from .sharpness import keskar_sharpness, model_sharpness, random_subspace
 
@@ -35,6 +39,15 @@ __all__: list[str] = [
     "random_subspace",
     "hvp",
     "HessianOperator",
+    "GGNOperator",
+    "CurvatureOperator",
+    "curvature_operator",
+    "top_eigenvalues",
+    "estimate_trace",
+    "slq",
+    "curvature_blocks",
+    "block_partition",
+    "BlockTable",
     "EigenResult",
     "TraceEstimate",
     "SpectralDensity",

@@ -63,12 +63,59 @@ def num_examples(batches: Batches) -> int:
     return sum(int(x.shape[0]) for x, _ in batches)
 
 
+def unwrap_model(model: Any) -> Any:
+    """The eager module under ``torch.compile`` (``_orig_mod``) and data-parallel wrappers (``module``).
+
+    A compiled module's parameters are those of the original one, so every diagnostic evaluates the
+    original (eager) module: compiled graphs do not support the double backward that curvature needs,
+    and the parameter names stay free of the ``_orig_mod.`` prefix.
+    """
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def trainable_parameters(model: nn.Module, *, name: str = "model") -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs with ``requires_grad``; ``ValueError`` if there are none."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name} has no trainable parameters")
     return params
+
+
+def select_parameters(model: nn.Module, block: Any = None) -> list[tuple[str, nn.Parameter]]:
+    """The trainable ``(name, parameter)`` pairs of ``block``.
+
+    ``block`` is ``None`` (all trainable parameters), a module prefix or parameter name (``"layer1"``
+    selects ``layer1.*``), a sequence of such prefixes, or a callable ``filter(name, parameter) -> bool``.
+    ``ValueError`` naming ``block`` if nothing is selected.
+    """
+    named = trainable_parameters(model)
+    if block is None:
+        return named
+    if callable(block):
+        chosen = [(n, p) for n, p in named if block(n, p)]
+        what = getattr(block, "__name__", "the parameter filter")
+    else:
+        prefixes = [block] if isinstance(block, str) else list(block)
+        if not prefixes or not all(isinstance(b, str) for b in prefixes):
+            raise ValueError(f"block must be a module prefix, a list of prefixes or a filter, got {block!r}")
+        prefixes = [b.removeprefix("_orig_mod.").rstrip(".") for b in prefixes]
+        chosen = [(n, p) for n, p in named if any(b == "" or n == b or n.startswith(b + ".") for b in prefixes)]
+        what = ", ".join(repr(b) for b in prefixes)
+    if not chosen:
+        sample = ", ".join(n for n, _ in named[:6])
+        raise ValueError(f"block {what} selects no trainable parameter (names look like: {sample})")
+    return chosen
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._data import as_batches, check_loss, eval_mode, model_device, num_examples
+from ._data import as_batches, check_loss, eval_mode, model_device, num_examples, unwrap_model
 
 __all__ = ["interpolate", "interpolation_coefficients", "evaluate"]
 
@@ -39,6 +39,7 @@ def evaluate(
 ) -> dict:
     """Mean loss (batches weighted by size) and accuracy (``argmax`` of 2-D outputs against integer
     targets; ``None`` otherwise) of ``model`` on ``data`` in eval mode."""
+    model = unwrap_model(model)
     batches = as_batches(data, device=model_device(model))
     total = num_examples(batches)
     loss, correct, has_acc = 0.0, 0, True
@@ -81,6 +82,7 @@ def interpolate(
         curve = path
     path = curve
     interpolation_coefficients(0.0, path)  # validates the curve
+    model_a, model_b = unwrap_model(model_a), unwrap_model(model_b)
     alphas = list(np.linspace(-1.0, 2.0, 25) if alphas is None else alphas)
     if not alphas:
         raise ValueError("alphas is empty")

@@ -32,6 +32,7 @@ from ._data import (
     model_device,
     num_examples,
     trainable_parameters,
+    unwrap_model,
 )
 
 __all__ = ["sgd_noise_scale", "gradient_noise_scale", "gradient_noise_stats"]
@@ -54,6 +55,10 @@ def _concat(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
+EXACT_BUDGET = 2e9  # examples x parameters up to which method="auto" computes per-example gradients
+CHUNK_FLOATS = 2**24  # per-example gradients held at once (64 MiB in float32)
+
+
 def gradient_noise_stats(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -63,90 +68,136 @@ def gradient_noise_stats(
     batch_sizes: tuple[int, int] = (16, 256),
     num_pairs: int = 32,
     seed: int = 0,
+    level: float = 0.95,
+    num_bootstrap: int = 2000,
 ) -> dict:
     """``|G|^2``, ``tr(Sigma)`` and ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018, eq. 2.8).
 
     ``method="exact"``: per-example gradients by ``torch.func.vmap(torch.func.grad(...))`` over
-    ``functional_call`` (``loss_fn`` applied to one-example batches), per data batch, accumulated in
-    float64: ``G = mean_i g_i``, ``tr(Sigma) = mean_i |g_i - G|^2``.
+    ``functional_call`` (``loss_fn`` applied to one-example batches), in chunks of at most
+    ``CHUNK_FLOATS`` numbers, accumulated in float64: ``G = mean_i g_i``, ``tr(Sigma) = mean_i |g_i - G|^2``.
     ``method="two_batch"``: ``num_pairs`` independent pairs of batches of sizes ``batch_sizes =
     (B_small, B_big)`` drawn with replacement (seeded); the unbiased estimates of ``|G|^2`` and
-    ``tr(Sigma)`` are averaged over the pairs (their standard errors are reported) and then divided.
-    The model is evaluated in eval mode. Returns a dict with ``b_simple``, ``grad_norm_sq``, ``trace_cov``,
-    ``method``, ``num_examples`` (and ``*_stderr``, ``batch_sizes``, ``num_pairs`` for two_batch).
+    ``tr(Sigma)`` (McCandlish et al., Appendix A.1) are averaged over the pairs and then divided. The
+    ratio of means is biased and heavy-tailed when ``|G|^2`` is small, so its interval is a percentile
+    bootstrap over the pairs (``num_bootstrap`` resamples, two-sided ``level``); a resample whose mean
+    ``|G|^2`` is not positive gives ``B_simple = inf``. ``reliable`` is False when the ``|G|^2`` estimate is
+    within three standard errors of zero: then the upper end of the interval is unbounded in practice.
+    ``method="auto"``: exact when ``examples x parameters <= EXACT_BUDGET`` and ``vmap`` supports the
+    model, else two_batch. The model is evaluated in eval mode. Returns a dict with ``b_simple``,
+    ``grad_norm_sq``, ``trace_cov``, ``method``, ``num_examples`` (and ``*_stderr``, ``b_simple_interval``,
+    ``b_simple_stderr``, ``reliable``, ``batch_sizes``, ``num_pairs`` for two_batch).
     """
+    if method not in ("exact", "two_batch", "auto"):
+        raise ValueError(f"method must be 'exact', 'two_batch' or 'auto', got {method!r}")
+    model = unwrap_model(model)
     named = trainable_parameters(model)
     device = model_device(model)
     batches = as_batches(data, device=device)
     total = num_examples(batches)
-    names = [n for n, _ in named]
     params = [p for _, p in named]
+    dim = sum(p.numel() for p in params)
+    if method == "auto":
+        if total * dim <= EXACT_BUDGET:
+            try:
+                return _exact(model, loss_fn, batches, named, total, dim, device)
+            except RuntimeError:  # an operation vmap does not support: fall back to two batches
+                pass
+        method = "two_batch"
     if method == "exact":
-        detached = {n: p.detach() for n, p in named}
-        others = {k: v for k, v in model.named_buffers()}
-        others.update({n: p.detach() for n, p in model.named_parameters() if n not in detached})
+        return _exact(model, loss_fn, batches, named, total, dim, device)
+    b_small, b_big = (int(b) for b in batch_sizes)
+    if not 1 <= b_small < b_big:
+        raise ValueError(
+            f"batch_sizes must be (B_small, B_big) with 1 <= B_small < B_big, got {batch_sizes}"
+        )
+    if num_pairs < 2:
+        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    x_all, y_all = _concat(batches)
+    gen = torch.Generator().manual_seed(int(seed))
 
-        def one_loss(ps: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = torch.func.functional_call(model, {**others, **ps}, (x.unsqueeze(0),))
-            return check_loss(loss_fn(out, y.unsqueeze(0)))
+    def sq_norm(idx: torch.Tensor) -> float:
+        idx = idx.to(device)
+        loss = check_loss(loss_fn(model(x_all[idx]), y_all[idx]))
+        g = flatten(torch.autograd.grad(loss, params)).to(torch.float64)
+        return float(g @ g)
 
-        per_example = torch.func.vmap(torch.func.grad(one_loss), in_dims=(None, 0, 0))
-        g_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
-        sq_sum = 0.0
-        with eval_mode(model):
-            for x, y in batches:
+    g2s, trs = [], []
+    with eval_mode(model):
+        for _ in range(int(num_pairs)):
+            s = sq_norm(torch.randint(0, total, (b_small,), generator=gen))
+            b = sq_norm(torch.randint(0, total, (b_big,), generator=gen))
+            g2s.append((b_big * b - b_small * s) / (b_big - b_small))
+            trs.append((s - b) / (1.0 / b_small - 1.0 / b_big))
+    g2s_a, trs_a = np.asarray(g2s), np.asarray(trs)
+    g2, tr = float(g2s_a.mean()), float(trs_a.mean())
+    g2_se = float(g2s_a.std(ddof=1) / math.sqrt(len(g2s)))
+    lo, hi, boot_sd = _bootstrap_ratio(trs_a, g2s_a, level, int(num_bootstrap), int(seed))
+    return {
+        "method": "two_batch",
+        "b_simple": tr / g2 if g2 > 0 else math.inf,
+        "b_simple_interval": [lo, hi],
+        "b_simple_stderr": boot_sd,
+        "level": level,
+        "reliable": bool(g2 > 3 * g2_se),
+        "grad_norm_sq": g2,
+        "trace_cov": tr,
+        "grad_norm_sq_stderr": g2_se,
+        "trace_cov_stderr": float(trs_a.std(ddof=1) / math.sqrt(len(trs))),
+        "num_examples": total,
+        "batch_sizes": [b_small, b_big],
+        "num_pairs": int(num_pairs),
+    }
+
+
+def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, level: float, reps: int, seed: int):
+    """Percentile bootstrap of ``mean(num) / mean(den)`` over paired rows (Efron & Tibshirani 1993, ch. 13)."""
+    rng = np.random.default_rng(seed + 104729)
+    idx = rng.integers(0, len(num), size=(reps, len(num)))
+    n_m, d_m = num[idx].mean(1), den[idx].mean(1)
+    ratio = np.where(d_m > 0, n_m / np.where(d_m > 0, d_m, 1.0), np.inf)
+    ordered = np.sort(ratio)  # order statistics, so that infinite ratios stay infinite
+    lo = ordered[int(math.floor((0.5 - level / 2) * (reps - 1)))]
+    hi = ordered[int(math.ceil((0.5 + level / 2) * (reps - 1)))]
+    finite = ratio[np.isfinite(ratio)]
+    sd = float(finite.std(ddof=1)) if len(finite) > 1 and len(finite) == len(ratio) else math.inf
+    return float(lo), float(hi), sd
+
+
+def _exact(model, loss_fn, batches, named, total, dim, device) -> dict:
+    names = [n for n, _ in named]
+    detached = {n: p.detach() for n, p in named}
+    others = {k: v for k, v in model.named_buffers()}
+    others.update({n: p.detach() for n, p in model.named_parameters() if n not in detached})
+
+    def one_loss(ps: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, {**others, **ps}, (x.unsqueeze(0),))
+        return check_loss(loss_fn(out, y.unsqueeze(0)))
+
+    per_example = torch.func.vmap(torch.func.grad(one_loss), in_dims=(None, 0, 0))
+    chunk = max(1, CHUNK_FLOATS // max(dim, 1))
+    g_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+    sq_sum = 0.0
+    with eval_mode(model):
+        for xb, yb in batches:
+            for i in range(0, xb.shape[0], chunk):
+                x, y = xb[i : i + chunk], yb[i : i + chunk]
                 grads = per_example(detached, x, y)
                 flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1).to(torch.float64)
                 g_sum += flat.sum(0)
                 sq_sum += float((flat * flat).sum())
-        mean = g_sum / total
-        g2 = float(mean @ mean)
-        trace = max(sq_sum / total - g2, 0.0)
-        return {
-            "method": "exact",
-            "b_simple": trace / g2 if g2 > 0 else math.inf,
-            "grad_norm_sq": g2,
-            "trace_cov": trace,
-            "num_examples": total,
-        }
-    if method == "two_batch":
-        b_small, b_big = (int(b) for b in batch_sizes)
-        if not 1 <= b_small < b_big:
-            raise ValueError(
-                f"batch_sizes must be (B_small, B_big) with 1 <= B_small < B_big, got {batch_sizes}"
-            )
-        if num_pairs < 2:
-            raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
-        x_all, y_all = _concat(batches)
-        gen = torch.Generator().manual_seed(int(seed))
-
-        def sq_norm(idx: torch.Tensor) -> float:
-            idx = idx.to(device)
-            loss = check_loss(loss_fn(model(x_all[idx]), y_all[idx]))
-            g = flatten(torch.autograd.grad(loss, params)).to(torch.float64)
-            return float(g @ g)
-
-        g2s, trs = [], []
-        with eval_mode(model):
-            for _ in range(int(num_pairs)):
-                s = sq_norm(torch.randint(0, total, (b_small,), generator=gen))
-                b = sq_norm(torch.randint(0, total, (b_big,), generator=gen))
-                g2s.append((b_big * b - b_small * s) / (b_big - b_small))
-                trs.append((s - b) / (1.0 / b_small - 1.0 / b_big))
-        g2s_a, trs_a = np.asarray(g2s), np.asarray(trs)
-        g2, tr = float(g2s_a.mean()), float(trs_a.mean())
-        return {
-            "method": "two_batch",
-            "b_simple": tr / g2 if g2 > 0 else math.inf,
-            "grad_norm_sq": g2,
-            "trace_cov": tr,
-            "grad_norm_sq_stderr": float(g2s_a.std(ddof=1) / math.sqrt(len(g2s))),
-            "trace_cov_stderr": float(trs_a.std(ddof=1) / math.sqrt(len(trs))),
-            "num_examples": total,
-            "batch_sizes": [b_small, b_big],
-            "num_pairs": int(num_pairs),
-        }
-    raise ValueError(f"method must be 'exact' or 'two_batch', got {method!r}")
+    mean = g_sum / total
+    g2 = float(mean @ mean)
+    trace = max(sq_sum / total - g2, 0.0)
+    return {
+        "method": "exact",
+        "b_simple": trace / g2 if g2 > 0 else math.inf,
+        "grad_norm_sq": g2,
+        "trace_cov": trace,
+        "num_examples": total,
+    }
 
 
 def gradient_noise_scale(

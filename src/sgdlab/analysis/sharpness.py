@@ -29,6 +29,7 @@ from ._data import (
     model_device,
     num_examples,
     trainable_parameters,
+    unwrap_model,
 )
 
 __all__ = ["keskar_sharpness", "model_sharpness", "random_subspace"]
@@ -174,6 +175,7 @@ def model_sharpness(
     """
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
+    model = unwrap_model(model)
     named = trainable_parameters(model)
     device = model_device(model)
     batches = as_batches(data, device=device)

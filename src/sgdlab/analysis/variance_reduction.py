@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..sampling.importance import _check_loss, _loss, normalize_scores, tau, upper_bound_scores
-from ._data import as_batches, eval_mode, model_device, trainable_parameters
+from ._data import as_batches, eval_mode, model_device, trainable_parameters, unwrap_model
 
 __all__ = ["SCHEMES", "variance_reduction"]
 
@@ -84,6 +84,7 @@ def variance_reduction(model: nn.Module, data: Any, *, presample: int = 1024, ba
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     _check_loss(loss)
+    model = unwrap_model(model)
     device = model_device(model)
     batches = as_batches(data, device=device)
     x_all = torch.cat([x for x, _ in batches])

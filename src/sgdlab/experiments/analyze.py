@@ -6,12 +6,17 @@ the data loss (cross-entropy, no weight decay) in eval mode, and writes ``RUN_DI
 
 - ``sharpness``: Keskar sharpness (papers/004 eq. 2) on the training data for each ``eps`` (default
   1e-3 and 5e-4), in the full space and (``subspace_dim``, default 100) in a random subspace.
-- ``hessian``: top-``k`` eigenvalues (Lanczos) with residuals, Hutchinson trace with standard error, and
-  the SLQ spectral density (``hessian_density.png``).
+- ``hessian``: top-``k`` eigenvalues (Lanczos) with residuals, the trace (Hutch++ by default) with its
+  standard error and 95% interval, the SLQ spectral density (``hessian_density.png``); ``blocks`` adds
+  the per-layer (or per-stage) table of traces and top eigenvalues; ``curvature="ggn"`` analyses the
+  generalised Gauss-Newton matrix instead; ``data_resamples`` adds bootstrap error bars over the data.
 - ``interpolate``: loss/accuracy on train and test along ``theta(alpha)`` from RUN_DIR_1 (alpha 0) to
   RUN_DIR_2 (alpha 1) for ``path`` linear and sincos (``interpolate_<path>.png``, as papers/004 Fig. 5).
 - ``noise``: SGD noise scale ``lr/(1-m) (N/B - 1)`` from the config and the gradient noise scale
-  ``B_simple`` (exact per-example and two-batch estimates).
+  ``B_simple``: exact per-example where affordable, and the two-batch estimate from ``num_pairs`` pairs
+  with a bootstrap interval and a reliability flag.
+
+:func:`format_results` renders the numbers as the table that ``sgdlab analyze`` prints.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from sgdlab import analysis
+from sgdlab.errors import ConfigError
 
-__all__ = ["main", "KINDS"]
+__all__ = ["main", "KINDS", "format_results"]
 
 KINDS = ("sharpness", "hessian", "interpolate", "noise")
+SPLITS = ("train", "test")
 
 
 def _get(cfg: Any, *path: str, default: Any = None) -> Any:
@@ -91,6 +98,39 @@ def _world_size(run_dir: Path) -> int:
     return 1
 
 
+def _check_options(kind: str, *, split: str, max_examples, k: int, eps, num_samples: int, trace_method: str,
+                   blocks, curvature: str, data_resamples: int, num_pairs: int, noise_batch_sizes) -> None:
+    """One-line ``ConfigError`` naming the option for every bad value (the CLI exits 2 on it)."""
+
+    def bad(opt: str, why: str):
+        raise ConfigError(f"analyze {kind}: {opt} {why}")
+
+    if split not in SPLITS:
+        bad("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    if max_examples is not None and (int(max_examples) != max_examples or max_examples < 1):
+        bad("examples", f"must be a positive integer, got {max_examples!r}")
+    if int(k) != k or k < 1:
+        bad("k", f"must be a positive integer, got {k!r}")
+    if not eps or any(not (float(e) > 0 and math.isfinite(float(e))) for e in eps):
+        bad("eps", f"must be positive finite numbers, got {list(eps)!r}")
+    if trace_method not in analysis.estimators.TRACE_METHODS:
+        bad("trace-method", f"must be one of {', '.join(analysis.estimators.TRACE_METHODS)}, got {trace_method!r}")
+    need = 4 if trace_method == "hutch++" else 2
+    if int(num_samples) != num_samples or num_samples < need:
+        bad("samples", f"must be an integer >= {need} for {trace_method}, got {num_samples!r}")
+    if blocks not in (None, "layers", "stages"):
+        bad("blocks", f"must be 'layers' or 'stages', got {blocks!r}")
+    if curvature not in ("hessian", "ggn"):
+        bad("curvature", f"must be 'hessian' or 'ggn', got {curvature!r}")
+    if int(data_resamples) != data_resamples or data_resamples < 0 or data_resamples == 1:
+        bad("resamples", f"must be 0 or an integer >= 2, got {data_resamples!r}")
+    if int(num_pairs) != num_pairs or num_pairs < 2:
+        bad("pairs", f"must be an integer >= 2, got {num_pairs!r}")
+    b_small, b_big = noise_batch_sizes
+    if not 1 <= b_small < b_big:
+        bad("noise-batch-sizes", f"must be B_SMALL,B_BIG with 1 <= B_SMALL < B_BIG, got {b_small},{b_big}")
+
+
 def main(
     kind: str,
     run_dirs: str | Path | Sequence[str | Path],
@@ -100,47 +140,68 @@ def main(
     seed: int = 0,
     max_examples: int | None = None,
     batch_size: int = 1000,
+    split: str = "train",
     eps: Sequence[float] = (1e-3, 5e-4),
     subspace_dim: int | None = 100,
     max_iter: int = 10,
     k: int = 5,
-    num_samples: int = 100,
+    num_samples: int = 99,
+    trace_method: str = "hutch++",
+    blocks: str | None = None,
+    curvature: str = "hessian",
+    data_resamples: int = 0,
     num_vectors: int = 4,
     num_steps: int = 64,
     alphas: Sequence[float] | None = None,
     paths: Sequence[str] = ("linear", "sincos"),
     noise_batch_sizes: tuple[int, int] = (16, 256),
-    num_pairs: int = 32,
+    num_pairs: int = 200,
     quiet: bool = True,
 ) -> dict:
     """Run one diagnostic on one run directory (two for ``interpolate``); returns ``{"kind", "results",
     "written"}`` where ``written`` lists the JSON/PNG files created under ``RUN_DIR/analysis/``.
 
     ``loader(run_dir) -> (config, model, dataset)`` defaults to :func:`sgdlab.train.load_run`; the dataset
-    needs ``train_x, train_y, test_x, test_y``. ``max_examples`` subsamples the training data (seeded);
-    evaluation uses batches of ``batch_size`` (results do not depend on it).
+    needs ``train_x, train_y, test_x, test_y``. ``split`` picks the data the diagnostic uses (``train`` or
+    ``test``), ``max_examples`` subsamples them (seeded); evaluation uses batches of ``batch_size``
+    (results do not depend on it). ``hessian``: ``k`` top eigenvalues, the trace by ``trace_method`` with
+    ``num_samples`` products, ``blocks`` (``"layers"``/``"stages"``) adds the per-block table,
+    ``curvature`` ``"hessian"`` or ``"ggn"``, ``data_resamples`` bootstrap error bars over the data.
+    ``noise``: the exact per-example noise scale where affordable and the two-batch estimate from
+    ``num_pairs`` pairs with a bootstrap interval. Bad options raise a one-line ``ConfigError``.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ConfigError(f"analyze: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    _check_options(kind, split=split, max_examples=max_examples, k=k, eps=eps, num_samples=num_samples,
+                   trace_method=trace_method, blocks=blocks, curvature=curvature, data_resamples=data_resamples,
+                   num_pairs=num_pairs, noise_batch_sizes=noise_batch_sizes)
     dirs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(d) for d in run_dirs]
     need = 2 if kind == "interpolate" else 1
     if len(dirs) != need:
-        raise ValueError(
+        raise ConfigError(
             f"analyze {kind} takes {need} run director{'ies' if need == 2 else 'y'}, got {len(dirs)}"
         )
     for d in dirs:
         if not d.is_dir():
-            raise ValueError(f"run directory {d} does not exist")
+            raise ConfigError(f"analyze {kind}: run directory {d} does not exist")
     if loader is None:
         from sgdlab.train import load_run as loader  # noqa: N813
+        from sgdlab.train.engine import CHECKPOINT
+
+        for d in dirs:
+            for f in ("config.yaml", CHECKPOINT):
+                if not (d / f).is_file():
+                    raise ConfigError(f"analyze {kind}: {d} is not a finished run directory (no {f})")
     runs = [loader(d) for d in dirs]
     cfg, model, ds = runs[0]
-    train = _subset(ds.train_x, ds.train_y, max_examples, batch_size, seed)
+    xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
+    train = _subset(xs, ys, max_examples, batch_size, seed)
     out_dir = dirs[0] / "analysis"
     written: list[str] = []
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "run_dirs": [str(d) for d in dirs],
+        "split": split,
         "num_examples": sum(int(x.shape[0]) for x, _ in train),
     }
 
@@ -161,12 +222,24 @@ def main(
             rows.append(row)
         results["sharpness"] = rows
     elif kind == "hessian":
-        eig = analysis.hessian_eigen(model, loss_fn, train, k=k, seed=seed)
-        tr = analysis.hessian_trace_estimate(model, loss_fn, train, num_samples=num_samples, seed=seed)
+        eig = analysis.hessian_eigen(model, loss_fn, train, k=k, seed=seed, curvature=curvature,
+                                     data_resamples=data_resamples)
+        tr = analysis.hessian_trace_estimate(model, loss_fn, train, num_samples=num_samples, seed=seed,
+                                             method=trace_method, curvature=curvature,
+                                             data_resamples=data_resamples)
         sd = analysis.spectral_density(
-            model, loss_fn, train, num_vectors=num_vectors, num_steps=num_steps, seed=seed
+            model, loss_fn, train, num_vectors=num_vectors, num_steps=num_steps, seed=seed, curvature=curvature
         )
-        results.update(eigenvalues=eig.as_dict(), trace=tr.as_dict(), spectral_density=sd.as_dict())
+        trace_row = tr.as_dict()
+        trace_row["interval95"] = list(tr.interval(0.95))
+        results.update(curvature=curvature, eigenvalues=eig.as_dict(), trace=trace_row,
+                       spectral_density=sd.as_dict())
+        if blocks:
+            table = analysis.curvature_blocks(
+                model, loss_fn, train, blocks=blocks, curvature=curvature, k=1, trace_method=trace_method,
+                num_matvecs=num_samples, seed=seed, data_resamples=data_resamples, include_total=False,
+            )
+            results["blocks"] = table.as_dict()
         png = out_dir / "hessian_density.png"
         analysis.plot_spectral_density(sd, path=png)
         written.append(str(png))
@@ -175,8 +248,8 @@ def main(
         test = _subset(ds.test_x, ds.test_y, None, batch_size, seed)
         results["paths"] = {}
         for path in paths:
-            tr_res = analysis.interpolate(model, model_b, loss_fn, train, alphas=alphas, path=path)
-            te_res = analysis.interpolate(model, model_b, loss_fn, test, alphas=alphas, path=path)
+            tr_res = analysis.interpolate(model, model_b, loss_fn, train, alphas=alphas, curve=path)
+            te_res = analysis.interpolate(model, model_b, loss_fn, test, alphas=alphas, curve=path)
             results["paths"][path] = {"train": tr_res, "test": te_res}
             png = out_dir / f"interpolate_{path}.png"
             analysis.plot_interpolation(
@@ -203,9 +276,9 @@ def main(
             "num_samples": n,
             "g": analysis.sgd_noise_scale(lr, n, min(b, n), momentum),
         }
-        exact_batches = _subset(ds.train_x, ds.train_y, max_examples, min(batch_size, 256), seed)
+        exact_batches = _subset(xs, ys, max_examples, min(batch_size, 256), seed)
         results["gradient_noise_scale"] = {
-            "exact": analysis.gradient_noise_stats(model, loss_fn, exact_batches, method="exact"),
+            "exact": analysis.gradient_noise_stats(model, loss_fn, exact_batches, method="auto"),
             "two_batch": analysis.gradient_noise_stats(
                 model,
                 loss_fn,
@@ -221,3 +294,63 @@ def main(
     if not quiet:
         print(json.dumps({"kind": kind, "written": written}))
     return {"kind": kind, "results": results, "written": written}
+
+
+def _g(x: Any) -> str:
+    return f"{x:.5g}" if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
+
+
+def format_results(result: dict) -> str:
+    """The numbers of a :func:`main` result as a plain-text table (what ``sgdlab analyze`` prints)."""
+    kind, r = result["kind"], result["results"]
+    lines = [f"analyze {kind}: {', '.join(r['run_dirs'])} ({r['num_examples']} {r.get('split', 'train')} "
+             f"examples, {r['seconds']:.1f} s)"]
+    if kind == "sharpness":
+        lines.append(f"  {'eps':>8s} {'full space':>12s} {'subspace':>12s}")
+        for row in r["sharpness"]:
+            sub = _g(row["random_subspace"]) + f" (p={row['subspace_dim']})" if "random_subspace" in row else "-"
+            lines.append(f"  {row['eps']:8.1e} {_g(row['full_space']):>12s} {sub:>12s}")
+    elif kind == "hessian":
+        eig, tr, sd = r["eigenvalues"], r["trace"], r["spectral_density"]
+        name = "GGN" if r.get("curvature") == "ggn" else "Hessian"
+        lines.append(f"  top {name} eigenvalues ({eig['method']}, {eig['num_matvecs']} products):")
+        errs = eig.get("data_stderr")
+        for i, (v, res, ok) in enumerate(zip(eig["values"], eig["residuals"], eig["converged"])):
+            extra = f"  data stderr {_g(errs[i])}" if errs else ""
+            lines.append(f"    {i + 1:2d}  {v:12.6g}  residual {res:.2g}{'' if ok else ' (not converged)'}{extra}")
+        lo, hi = tr["interval95"]
+        data = f", data stderr {_g(tr['data_stderr'])}" if "data_stderr" in tr else ""
+        lines.append(f"  trace ({tr['method']}, {tr['num_matvecs']} products): {tr['value']:.6g} "
+                     f"+- {tr['stderr']:.3g}{data}  95% interval [{lo:.6g}, {hi:.6g}]")
+        lines.append(f"  spectral density (SLQ): {len(sd['nodes'])} vectors, nodes in "
+                     f"[{min(map(min, sd['nodes'])):.4g}, {max(map(max, sd['nodes'])):.4g}], "
+                     f"Gaussian broadening sigma {sd['sigma']:.3g}")
+        if "blocks" in r:
+            b = r["blocks"]
+            lines.append(f"  per block ({len(b['blocks'])} blocks, trace sum {b['sum_of_block_traces']:.6g}):")
+            lines.append(f"    {'block':24s} {'params':>8s} {'trace':>12s} {'+-':>9s} {'top eig':>12s} "
+                         f"{'residual':>9s}")
+            for row in b["blocks"]:
+                t, e = row["trace"], row["top_eigenvalues"]
+                lines.append(f"    {row['block'][:24]:24s} {row['num_params']:8d} {t['value']:12.6g} "
+                             f"{t['stderr']:9.2g} {e['values'][0]:12.6g} {e['residuals'][0]:9.2g}")
+    elif kind == "interpolate":
+        for path, res in r["paths"].items():
+            lines.append(f"  path {path}: {'alpha':>6s} {'train loss':>11s} {'test loss':>10s} "
+                         f"{'train acc':>10s} {'test acc':>9s}")
+            for a, b in zip(res["train"], res["test"]):
+                lines.append(f"  {'':{len(path) + 6}s}{a['alpha']:6.3g} {a['loss']:11.4g} {b['loss']:10.4g} "
+                             f"{_g(a['accuracy']):>10s} {_g(b['accuracy']):>9s}")
+    elif kind == "noise":
+        g = r["sgd_noise_scale"]
+        lines.append(f"  SGD noise scale g = lr/(1-m) (N/B - 1) = {g['g']:.5g}  (lr {g['lr']}, momentum "
+                     f"{g['momentum']}, N {g['num_samples']}, B {g['batch_size']})")
+        ex, tb = r["gradient_noise_scale"]["exact"], r["gradient_noise_scale"]["two_batch"]
+        lines.append(f"  gradient noise scale B_simple ({ex['method']}, {ex['num_examples']} examples): "
+                     f"{ex['b_simple']:.5g}  (|G|^2 {ex['grad_norm_sq']:.4g}, tr Sigma {ex['trace_cov']:.4g})")
+        lo, hi = tb["b_simple_interval"]
+        warn = "" if tb["reliable"] else "  UNRELIABLE: |G|^2 is not resolved from zero; use more pairs or exact"
+        lines.append(f"  two-batch estimate (B {tb['batch_sizes'][0]}/{tb['batch_sizes'][1]}, {tb['num_pairs']} "
+                     f"pairs): {tb['b_simple']:.5g}  95% interval [{lo:.5g}, {hi:.5g}]{warn}")
+    lines.extend(f"  wrote {p}" for p in result.get("written", []))
+    return "\n".join(lines)

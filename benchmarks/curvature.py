@@ -1,0 +1,312 @@
+"""Benchmark: curvature estimates per Hessian-vector product, sgdlab against curvlinops and hessian-eigenthings.
+
+All in one process, on the same model, data (one batch, eval mode, float32 parameters) and budget of
+Hessian-vector products (HVPs). The peers are optional benchmark-only dependencies
+(``pip install curvlinops-for-pytorch hessian-eigenthings``); a peer that is not installed is skipped.
+
+For each model (an MLP, a 2-D CNN with batch norm, and sgdlab's ``cnn1d``) it reports
+
+- the time per HVP: medians over ``--repeats`` interleaved rounds (each round times ``--hvps`` products
+  of every implementation in turn, so a load change on a shared machine hits all of them alike);
+  ours with the cached gradient graph (the default for one batch) and without it;
+- the relative error of the top eigenvalue after ``k`` HVPs (``--eig-budgets``): our Lanczos and
+  hessian-eigenthings' Lanczos from the same start vector (so both span the same Krylov space and the
+  difference is arithmetic: ours float64 with full reorthogonalisation), median over ``--seeds``; curvlinops has no eigensolver of its own, so
+  scipy's ARPACK ``eigsh`` runs on its operator to ``tol=1e-6`` with its HVPs counted, and our Lanczos
+  gets the same number of HVPs;
+- the relative error of the trace after ``m`` HVPs (``--trace-budgets``): our Hutch++ and Krylov-deflated
+  estimator at ``m``, our Hutchinson at ``3 m``, and the peers' Hutch++ at ``m``; mean over ``--seeds``.
+
+References are dense: the float64 Hessian by ``torch.func.hessian`` where it has at most ``--dense-max``
+parameters and no convolution, else assembled column by column from float64 HVPs of a float64 copy of the model; its top
+eigenvalue and trace are the truth for every estimate. Eigenvalue errors are compared up to ``FLOOR``
+(5e-7), the relative rounding of a float32 product, which converged runs of any method reach. Targets (issue "curvature diagnostics v2"): time
+per HVP <= 1.0x the faster peer, top-eigenvalue error at k HVPs <= the peers', Hutch++ error at m <=
+Hutchinson's at 3m and <= the peers' Hutch++.
+
+    python benchmarks/curvature.py [--models mlp,cnn-bn,cnn1d] [--examples 256] [--seeds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sgdlab.analysis import HessianOperator, estimate_trace, top_eigenvalues
+
+
+# Relative rounding of a float32 Hessian-vector product: below it, eigenvalue errors of converged runs
+# differ by the order in which float32 sums were taken, not by the method.
+FLOOR = 5e-7
+
+
+def peers() -> dict:
+    out = {}
+    try:
+        import curvlinops  # type: ignore[import-not-found]
+
+        out["curvlinops"] = curvlinops
+    except ImportError:
+        print("curvlinops is not installed (pip install curvlinops-for-pytorch): skipped")
+    try:
+        import hessian_eigenthings  # type: ignore[import-not-found]
+
+        out["eigenthings"] = hessian_eigenthings
+    except ImportError:
+        print("hessian-eigenthings is not installed (pip install hessian-eigenthings): skipped")
+    return out
+
+
+class CNNBN(nn.Module):
+    """A small 2-D CNN with batch norm on 1 x 8 x 8 images."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        h = self.b1(self.c1(x)).relu()
+        h = F.max_pool2d(self.b2(self.c2(h)).relu(), 2)
+        return self.head(h.flatten(1))
+
+
+def build(name: str, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    if name == "mlp":
+        x = 0.4 * torch.randn(10, 40, generator=gen)[y] + torch.randn(n, 40, generator=gen)
+        model = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 10))
+    elif name == "cnn-bn":
+        x = 0.4 * torch.randn(10, 1, 8, 8, generator=gen)[y] + torch.randn(n, 1, 8, 8, generator=gen)
+        model = CNNBN()
+    elif name == "cnn1d":
+        from sgdlab.models import create
+
+        x = 0.4 * torch.randn(10, 40, generator=gen)[y] + torch.randn(n, 40, generator=gen)
+        model = create("cnn1d", num_classes=10)
+    else:
+        raise SystemExit(f"unknown model {name!r} (mlp, cnn-bn, cnn1d)")
+    torch.manual_seed(seed)
+    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(200):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def dense_reference(model: nn.Module, x, y, dense_max: int) -> tuple[np.ndarray, str]:
+    m64 = copy.deepcopy(model).double().eval()
+    dim = sum(p.numel() for p in m64.parameters())
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in m64.modules())
+    if dim <= dense_max and not convolutional:  # vmapped convolutions would need dim x batch memory
+        names = [n for n, _ in m64.named_parameters()]
+        shapes = [p.shape for p in m64.parameters()]
+        buffers = dict(m64.named_buffers())
+        flat0 = torch.cat([p.detach().reshape(-1) for p in m64.parameters()])
+
+        def f(flat):
+            ps, i = {}, 0
+            for n_, s in zip(names, shapes):
+                k = math.prod(s)
+                ps[n_] = flat[i : i + k].view(s)
+                i += k
+            return F.cross_entropy(torch.func.functional_call(m64, {**buffers, **ps}, (x.double(),)), y)
+
+        h, how = torch.func.hessian(f)(flat0), "torch.func.hessian"
+    else:
+        h, how = HessianOperator(m64, F.cross_entropy, (x.double(), y)).dense(), "float64 HVP columns"
+    return torch.linalg.eigvalsh(0.5 * (h + h.T)).numpy(), how
+
+
+class Counted:
+    """Counts products of a callable operator."""
+
+    def __init__(self, fn):
+        self.fn, self.count = fn, 0
+
+    def __call__(self, v):
+        self.count += 1
+        return self.fn(v)
+
+
+def make_ops(model, x, y, have: dict) -> dict:
+    """name -> (flat torch float32 vector -> flat product) for every implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ops = {}
+    ours = HessianOperator(model, F.cross_entropy, (x, y))
+    ops["sgdlab"] = ours.matvec
+    nocache = HessianOperator(model, F.cross_entropy, (x, y), cache_graph=False)
+    ops["sgdlab (no graph cache)"] = nocache.matvec
+    if "curvlinops" in have:
+        a = have["curvlinops"].HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)],
+                                                     check_deterministic=False)
+        ops["curvlinops"] = lambda v, a=a: a @ v
+        ops["_curvlinops_op"] = a
+    if "eigenthings" in have:
+        he = have["eigenthings"]
+        op = he.HessianOperator(model, [(x, y)], he.supervised_loss(F.cross_entropy))
+        ops["eigenthings"] = op.matvec
+        ops["_eigenthings_op"] = op
+    return ops
+
+
+def time_hvps(ops: dict, dim: int, repeats: int, hvps: int) -> dict:
+    names = [k for k in ops if not k.startswith("_")]
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(1))
+    for n in names:  # warm-up (builds cached graphs)
+        ops[n](v)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for n in names:
+            t0 = time.perf_counter()
+            for _ in range(hvps):
+                ops[n](v)
+            times[n].append((time.perf_counter() - t0) / hvps)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def eig_errors(model, x, y, ops, top: float, k: int, seeds: int, have: dict) -> dict:
+    errs: dict[str, list[float]] = {"sgdlab": [], "eigenthings": []}
+    for seed in range(seeds):
+        op = HessianOperator(model, F.cross_entropy, (x, y))
+        # the start vector hessian-eigenthings draws for this seed, so both build the same Krylov space
+        v0 = torch.randn(op.dim, dtype=torch.float32, generator=torch.Generator().manual_seed(seed))
+        r = top_eigenvalues(op, k=1, max_iter=k, tol=0, seed=seed, v0=v0)
+        assert r.num_matvecs == k
+        errs["sgdlab"].append(abs(float(r.values[0]) - top) / abs(top))
+        if "eigenthings" in have:
+            res = have["eigenthings"].lanczos(ops["_eigenthings_op"], k=1, max_iter=k, which="LA", seed=seed)
+            errs["eigenthings"].append(abs(float(res.eigenvalues[0]) - top) / abs(top))
+    return {n: statistics.median(e) for n, e in errs.items() if e}
+
+
+def eigsh_matched(model, x, y, ops, top: float, seeds: int) -> dict:
+    """scipy's ARPACK eigsh on curvlinops' operator to tol 1e-6 (HVPs counted), and our Lanczos with the
+    same number of HVPs: medians over seeds of both errors and of the count."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    lin = ops["_curvlinops_op"].to_scipy()
+    e_cl, e_ours, counts = [], [], []
+    for seed in range(seeds):
+        counted = Counted(lin.matvec)
+        wrapped = LinearOperator(lin.shape, matvec=counted, dtype=lin.dtype)
+        v0 = np.random.default_rng(seed).standard_normal(lin.shape[0])
+        val = eigsh(wrapped, k=1, which="LA", tol=1e-6, v0=v0, return_eigenvectors=False)[0]
+        e_cl.append(abs(float(val) - top) / abs(top))
+        counts.append(counted.count)
+        r = top_eigenvalues(HessianOperator(model, F.cross_entropy, (x, y)), k=1, max_iter=counted.count,
+                            tol=0, seed=seed, v0=torch.from_numpy(v0))
+        e_ours.append(abs(float(r.values[0]) - top) / abs(top))
+    return {"hvps": statistics.median(counts), "curvlinops+eigsh": statistics.median(e_cl),
+            "sgdlab": statistics.median(e_ours)}
+
+
+def trace_errors(model, x, y, ops, truth: float, m: int, seeds: int, have: dict) -> dict:
+    errs: dict[str, list[float]] = {}
+
+    def add(name, value):
+        errs.setdefault(name, []).append(abs(float(value) - truth) / abs(truth))
+
+    for seed in range(seeds):
+        op = HessianOperator(model, F.cross_entropy, (x, y))
+        add(f"sgdlab hutch++ @{m}", estimate_trace(op, method="hutch++", num_matvecs=m, seed=seed).value)
+        add(f"sgdlab krylov @{m}", estimate_trace(op, method="krylov", num_matvecs=m, seed=seed).value)
+        add(f"sgdlab hutchinson @{3 * m}",
+            estimate_trace(op, method="hutchinson", num_matvecs=3 * m, seed=seed).value)
+        if "curvlinops" in have:
+            torch.manual_seed(seed)
+            add(f"curvlinops hutch++ @{m}", have["curvlinops"].hutchpp_trace(ops["_curvlinops_op"], m))
+        if "eigenthings" in have:
+            res = have["eigenthings"].hutch_plus_plus(ops["_eigenthings_op"], num_matvecs=m, seed=seed)
+            add(f"eigenthings hutch++ @{m}", res.estimate)
+    return {n: float(np.mean(e)) for n, e in errs.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mlp,cnn-bn,cnn1d")
+    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--hvps", type=int, default=5)
+    p.add_argument("--eig-budgets", default="5,10")
+    p.add_argument("--trace-budgets", default="30,90")
+    p.add_argument("--dense-max", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", default="time,eig,trace", help="which comparisons to run")
+    p.add_argument("--reference-cache", help="file prefix to keep the dense reference spectra between runs")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    have = peers()
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{args.examples} examples in one batch, float32 models, {args.threads} thread(s), load average "
+          f"{load:.1f} at the start (figures taken under that load); errors relative to a dense reference")
+    for name in args.models.split(","):
+        model, x, y = build(name, args.examples)
+        dim = sum(p.numel() for p in model.parameters())
+        t0 = time.perf_counter()
+        cache = f"{args.reference_cache}.{name}.{args.examples}.npy" if args.reference_cache else None
+        if cache and os.path.exists(cache):
+            ev, how = np.load(cache), f"cached in {cache}"
+        else:
+            ev, how = dense_reference(model, x, y, args.dense_max)
+            if cache:
+                np.save(cache, ev)
+        top, tr = float(ev[-1]), float(ev.sum())
+        print(f"\n{name}: {dim} parameters; reference ({how}, {time.perf_counter() - t0:.0f} s): "
+              f"top eigenvalue {top:.6g}, trace {tr:.6g}")
+        ops = make_ops(model, x, y, have)
+        parts = set(args.parts.split(","))
+        times = time_hvps(ops, dim, args.repeats, args.hvps) if "time" in parts else {}
+        peer_times = [t for n, t in times.items() if n in ("curvlinops", "eigenthings")]
+        fastest = min(peer_times) if peer_times else float("nan")
+        if times:
+            print("  time per HVP (median of interleaved rounds): " + ", ".join(
+                f"{n} {1e3 * t:.2f} ms" for n, t in times.items()))
+        if peer_times:
+            print(f"    ratio sgdlab / faster peer: {times['sgdlab'] / fastest:.2f} (cached graph), "
+                  f"{times['sgdlab (no graph cache)'] / fastest:.2f} (no cache)  [target <= 1.0]")
+        for k in (int(b) for b in args.eig_budgets.split(",") if "eig" in parts):
+            e = eig_errors(model, x, y, ops, top, k, args.seeds, have)
+            extra = ""
+            peers_e = [v for n, v in e.items() if n != "sgdlab"]
+            verdict = "" if not peers_e else \
+                f"  [{'ok' if e['sgdlab'] <= min(peers_e) + FLOOR else 'NOT met'}: ours <= peers' + {FLOOR:.0e}]"
+            print(f"  top eigenvalue, median relative error at {k} HVPs: " + ", ".join(
+                f"{n} {v:.2e}" for n, v in e.items()) + extra + verdict)
+        if "curvlinops" in have and "eig" in parts:
+            e = eigsh_matched(model, x, y, ops, top, args.seeds)
+            print(f"  top eigenvalue at eigsh's own budget ({e['hvps']:.0f} HVPs to tol 1e-6): curvlinops+eigsh "
+                  f"{e['curvlinops+eigsh']:.2e}, sgdlab {e['sgdlab']:.2e}  "
+                  f"[{'ok' if e['sgdlab'] <= e['curvlinops+eigsh'] + FLOOR else 'NOT met'}: ours <= peer's + "
+                  f"{FLOOR:.0e}]")
+        for m in (int(b) for b in args.trace_budgets.split(",") if "trace" in parts):
+            e = trace_errors(model, x, y, ops, tr, m, args.seeds, have)
+            ours = e[f"sgdlab hutch++ @{m}"]
+            peers_e = [v for n, v in e.items() if "hutch++" in n and not n.startswith("sgdlab")]
+            checks = [f"hutch++ <= hutchinson@3m: {'ok' if ours <= e[f'sgdlab hutchinson @{3 * m}'] else 'NOT met'}"]
+            if peers_e:
+                checks.append(f"hutch++ <= peers' hutch++: {'ok' if ours <= min(peers_e) else 'NOT met'}")
+                checks.append(f"krylov <= peers' hutch++: "
+                              f"{'ok' if e[f'sgdlab krylov @{m}'] <= min(peers_e) else 'NOT met'}")
+            print(f"  trace, mean relative error over {args.seeds} seeds: " + ", ".join(
+                f"{n} {v:.2e}" for n, v in e.items()) + "  [" + "; ".join(checks) + "]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
