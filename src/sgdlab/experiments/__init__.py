@@ -1,12 +1,12 @@
 """Experiments: sweeps over configs x seeds, aggregation with bootstrap intervals, reports, and the
-studies that test the papers' claims (``sgdlab sweep``, ``sgdlab report``, ``sgdlab study``)."""
+study protocols that test the papers' claims with the ledger's statistics (``sgdlab sweep``, ``sgdlab report``,
+``sgdlab study``, ``sgdlab ledger``)."""
 
 from .aggregate import Difference, Stats, bootstrap_ci, bootstrap_difference, load_trials, summarize
 from .sweep import Point, parse_grid, run_sweep, trial_name
 from .verdict import Verdict, decide, decide_equivalence
 
 __all__ = [
-    "STUDIES",
     "Difference",
     "Point",
     "Stats",
@@ -30,7 +30,7 @@ def __getattr__(name):  # the report and studies pull in matplotlib: load them o
         from .report import write_report
 
         return write_report
-    if name in ("run_study", "STUDIES"):
+    if name == "run_study":
         from . import studies
 
         return getattr(studies, name)
