@@ -51,7 +51,8 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
             raise ConfigError(f"{d}: protocol.yaml differs from the one that ran (hash {ctx['protocol_sha256'][:12]})")
         pilot = read_table(d / "pilot.csv") if (d / "pilot.csv").is_file() else None
         protos[proto.name] = proto
-        results[proto.name] = verdicts_from_tables(proto, read_table(d / "trials.csv"), pilot)
+        results[proto.name] = verdicts_from_tables(proto, read_table(d / "trials.csv"), pilot,
+                                                   quick=bool(ctx.get("quick")))
         contexts[proto.name] = dict(ctx, protocol_sha256=sha, dir=d)
     alpha = min((p.alpha for p in protos.values()), default=0.05)
     finish(protos, results, alpha)

@@ -95,7 +95,8 @@ class Claim(_Strict):
     shorthand for ``{treatment: 1, baseline: -1}``. ``kind: optimum_slope`` fits, within each seed,
     the metric against ``log2(x)`` per cell of the ``factors`` (a parabola; its vertex in the grid
     range, else the best grid point), and regresses ``log2`` of the optimum on ``log2`` of every factor:
-    the per-seed value is the coefficient of ``slope_of``.
+    the per-seed value is the coefficient of ``slope_of``. ``log: true`` contrasts natural logs of the
+    metric (a relative effect: SESOI ``log(1.1)`` is 10%).
     """
 
     id: str
@@ -108,6 +109,7 @@ class Claim(_Strict):
     direction: Literal["higher", "lower"]
     sesoi: float = Field(gt=0)
     margin: float | None = Field(None, gt=0)
+    log: bool = False
     primary: bool = True
     ladder: str | None = None
     at: float | None = None
@@ -175,10 +177,12 @@ class Measure(_Strict):
 
 
 class Quick(_Strict):
-    """Quick mode: runs on the pilot seeds (or ``seeds``) with ``set`` applied to every arm."""
+    """Quick mode: runs on the pilot seeds (or ``seeds``) with ``set`` applied to every arm; ``arms``
+    keeps only those arms (claims on other arms are left out of quick mode)."""
 
     seeds: list[int] | None = None
     set: dict[str, Any] = Field(default_factory=dict)
+    arms: list[str] | None = None
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -221,6 +225,10 @@ class Protocol(_Strict):
                 raise ValueError(f"select.{name}: unknown arms {bad}")
             if not self.seeds.pilot:
                 raise ValueError(f"select.{name}: choosing on pilot seeds needs seeds.pilot")
+        if self.quick.arms is not None:
+            bad = [a for a in self.quick.arms if a not in labels]
+            if bad:
+                raise ValueError(f"quick.arms: unknown arms {bad}")
         ids = [c.id for c in self.claims]
         if len(set(ids)) != len(ids):
             raise ValueError("claims: repeated ids")
@@ -240,6 +248,8 @@ class Protocol(_Strict):
         out = []
         for a in self.arms:
             for label, over in a.expand():
+                if quick and self.quick.arms is not None and label not in self.quick.arms:
+                    continue
                 out.append((label, dict(self.quick.set, **over, **a.quick) if quick else over))
         return out
 

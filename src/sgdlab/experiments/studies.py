@@ -221,8 +221,15 @@ def read_table(path: Path) -> list[dict]:
 # verdicts from tables
 # ---------------------------------------------------------------------------------------------------
 
-def _per_arm(proto: Protocol, table: list[dict], metric: str) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+def _per_arm(proto: Protocol, table: list[dict], metric: str, log: bool = False
+             ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
     """``{arm: {seed: value}}`` with diverged trials at the protocol's worst value, and diverged counts."""
+    if log:
+        vals, diverged = _per_arm(proto, table, metric)
+        bad = [(a, s) for a, d in vals.items() for s, v in d.items() if not v > 0]
+        if bad:
+            raise ConfigError(f"{metric}: a log contrast needs positive values; arm {bad[0][0]!r} seed {bad[0][1]}")
+        return {a: {s: math.log(v) for s, v in d.items()} for a, d in vals.items()}, diverged
     vals: dict[str, dict[int, float]] = {}
     diverged: dict[str, int] = {}
     for r in table:
@@ -240,16 +247,19 @@ def _per_arm(proto: Protocol, table: list[dict], metric: str) -> tuple[dict[str,
     return vals, diverged
 
 
-def select_arms(proto: Protocol, pilot: list[dict]) -> dict[str, dict]:
-    """Each selection's chosen arm: the best mean of its metric over the pilot seeds (ties: first listed)."""
+def select_arms(proto: Protocol, pilot: list[dict], quick: bool = False) -> dict[str, dict]:
+    """Each selection's chosen arm: the best mean of its metric over the pilot seeds (ties: first listed).
+    In quick mode a selection without candidates among the arms run is left out."""
     chosen = {}
     for name, sel in proto.select.items():
         vals, _ = _per_arm(proto, [r for r in pilot if r["arm"] in sel.candidates], sel.metric)
         means = {a: float(np.mean(list(vals[a].values()))) for a in sel.candidates if vals.get(a)}
+        if not means and quick:
+            continue
         if not means:
             raise ConfigError(f"select.{name}: no pilot results")
         sign = 1 if sel.direction == "higher" else -1
-        best = max(sel.candidates, key=lambda a: sign * means.get(a, -sign * math.inf))
+        best = max(means, key=lambda a: sign * means[a])
         chosen[name] = {"arm": best, "metric": sel.metric, "pilot_means": means}
     return chosen
 
@@ -283,7 +293,7 @@ def _optimum_slope(claim: Claim, arms: dict[str, dict], vals: dict[str, dict[int
 
 
 def _claim_values(proto: Protocol, claim: Claim, table: list[dict], chosen: dict) -> tuple[list[int], np.ndarray, int]:
-    vals, diverged = _per_arm(proto, table, claim.metric)
+    vals, diverged = _per_arm(proto, table, claim.metric, claim.log)
     if claim.kind == "optimum_slope":
         seeds, v = _optimum_slope(claim, dict(proto.arm_list()), vals)
         return seeds, v, sum(diverged.values())
@@ -294,12 +304,17 @@ def _claim_values(proto: Protocol, claim: Claim, table: list[dict], chosen: dict
     return seeds, v, sum(diverged.get(a, 0) for a in coef)
 
 
-def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] | None = None) -> dict:
+def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] | None = None, *,
+                         quick: bool = False) -> dict:
     """Every claim's estimate, 95% interval, raw p, seeds and diverged count, before multiplicity
     (``holm`` fills the adjusted p, decision interval and outcome); plus the pilot selections."""
-    chosen = select_arms(proto, pilot or table) if proto.select else {}
+    chosen = select_arms(proto, pilot or table, quick) if proto.select else {}
+    present = {r["arm"] for r in table}
     claims = []
     for c in proto.claims:
+        named = [chosen.get(a[1:], {}).get("arm") if a.startswith("@") else a for a in c.contrast]
+        if quick and c.kind == "contrast" and not set(named) <= present:
+            continue  # quick mode may run a subset of the arms
         seeds, v, ndiv = _claim_values(proto, c, table, chosen)
         ti = st.t_interval(v)
         arms = {(chosen[a[1:]]["arm"] if a.startswith("@") else a): k for a, k in c.contrast.items()}
@@ -418,8 +433,9 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
             ptrials = _sweep(proto, [a for a in arms if a[0] in candidates], proto.seeds.pilot, out / "pilot",
                              measured, jobs=jobs, progress=progress, extra=dict(extra, phase="pilot"))
             pilot_rows = build_table(proto, ptrials, measured)
-            chosen = {c["arm"] for c in select_arms(proto, pilot_rows).values()}
-            arms = [a for a in arms if a[0] not in candidates or a[0] in chosen]
+            keep = {c["arm"] for c in select_arms(proto, pilot_rows).values()}
+            keep |= {a for c in proto.claims for a in c.contrast if not a.startswith("@")}
+            arms = [a for a in arms if a[0] not in candidates or a[0] in keep]
         trials = _sweep(proto, arms, proto.seeds.final, out / "final", measured, jobs=jobs, progress=progress,
                         extra=dict(extra, phase="final"))
         rows = build_table(proto, trials, measured)
