@@ -195,3 +195,15 @@ def test_every_shipped_protocol_validates_and_plans():
             pts = [sw.Point(studies._substitute(o, {"tau_th": 1.5, "cost_ratio": 2.0}), lab)
                    for lab, o in proto.arm_list(quick)]
             sw.plan(base, pts, [0])
+
+
+def test_mnist1d_num_train_keeps_one_pool_and_test_set():
+    from sgdlab.data import create
+    from sgdlab.errors import DataError
+
+    full = create("mnist1d", num_samples=500, cache=False)
+    sub = create("mnist1d", num_samples=500, num_train=100, cache=False)
+    assert sub.train_x.shape[0] == 100 and (sub.train_x == full.train_x[:100]).all()
+    assert (sub.test_x == full.test_x).all()
+    with pytest.raises(DataError, match="num_train"):
+        create("mnist1d", num_samples=500, num_train=401, cache=False)

@@ -137,8 +137,9 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
     if payload.get("measurements"):
         lines += ["Measured: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                            for k, v in payload["measurements"].items()), ""]
-    rows = [_row(c) + [c["text"] if not c.get("note") else c["text"] + " " + c["note"]] for c in payload["verdicts"]]
-    lines += ["## Verdicts", "", _md(LEDGER_HEADERS + ["text"], rows)]
+    rows = [_row(c) + [c.get("note") or ""] for c in payload["verdicts"]]
+    lines += ["## Verdicts", "", "Every verdict below is in the regime above.", "",
+              _md(LEDGER_HEADERS + ["note"], rows)]
     if payload.get("ladders"):
         lines += ["## Ladders (largest rung with every rung up to it supported)", ""]
         lines += [f"- {k}: {v if v is not None else 'none'}" for k, v in payload["ladders"].items()] + [""]

@@ -344,7 +344,7 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
                           sd=ti.sd, n=ti.n, alpha=1 - level)
             c.update(decision_low=ti.low, decision_high=ti.high, outcome=d.outcome, qualifier=d.qualifier,
                      verdict=d.label, seeds_needed=d.seeds_needed, note=d.note)
-            c["text"] = (f"In regime {proto.regime}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
+            c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
                          f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}, {c['n']} seeds"
                          + (f", {c['diverged']} diverged trials counted at the worst value" if c["diverged"] else "")
                          + ").")
