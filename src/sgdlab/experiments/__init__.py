@@ -4,17 +4,13 @@ study protocols that test the papers' claims with the ledger's statistics (``sgd
 
 from .aggregate import Difference, Stats, bootstrap_ci, bootstrap_difference, load_trials, summarize
 from .sweep import Point, parse_grid, run_sweep, trial_name
-from .verdict import Verdict, decide, decide_equivalence
 
 __all__ = [
     "Difference",
     "Point",
     "Stats",
-    "Verdict",
     "bootstrap_ci",
     "bootstrap_difference",
-    "decide",
-    "decide_equivalence",
     "load_trials",
     "parse_grid",
     "run_study",
