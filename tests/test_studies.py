@@ -14,16 +14,16 @@ name: tiny
 title: a reasonable learning rate beats a tiny one
 claim: "a learning rate of 0.1 trains; 1e-5 does not"
 citation: "test fixture"
-regime: "MNIST-1D, mlp 16 hidden, 60 steps"
+regime: "MNIST-1D, mlp 16 hidden, 30 steps"
 estimate: "seconds"
 base:
   device: cpu
-  duration: 60 steps
+  duration: 30 steps
   data: {name: mnist1d}
   model: {name: mlp, hidden: [16]}
   sampler: {name: epoch, batch_size: 50}
   optim: {lr: 0.1, momentum: 0.9}
-  eval: {every: 20, train: true}
+  eval: {every: 15, train: true}
   checkpoint: {every: 0}
   log: {every: 10}
 arms:
@@ -42,7 +42,7 @@ claims:
   - {id: half, text: "lr 0.1 lowers the loss halfway", metric: loss_half, treatment: lr 0.1, baseline: tiny lr,
      direction: lower, sesoi: 0.1, primary: false}
 quick:
-  set: {duration: 40 steps}
+  set: {duration: 15 steps}
 """
 
 
@@ -65,7 +65,7 @@ def test_a_user_protocol_runs_end_to_end(tmp_path, monkeypatch, capsys):
     raw = [by["lower"]["p"], by["higher"]["p"]]
     assert [by["lower"]["p_holm"], by["higher"]["p_holm"]] == pytest.approx(st.holm(raw))
     assert by["half"]["p_holm"] is None
-    assert "In regime MNIST-1D, mlp 16 hidden, 60 steps" in by["lower"]["text"]
+    assert "In regime MNIST-1D, mlp 16 hidden, 30 steps" in by["lower"]["text"]
     assert data["protocol_sha256"] == protocol.load_protocol(path)[2] and data["commit"]
     assert (res / "protocol.yaml").read_text() == TINY
     with open(res / "trials.csv") as f:

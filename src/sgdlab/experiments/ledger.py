@@ -67,7 +67,7 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
                        "seeds": {"final": proto.seeds.final, "pilot": proto.seeds.pilot},
                        "selection": r["selection"], "ladders": r["ladders"], "verdicts": r["claims"]}
             (d / "verdicts.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-            (d / "report.md").write_text(study_markdown(proto, payload))
+            (d / "report.md").write_text(study_markdown(proto, dict(payload, dir=d)))
     return results
 
 
@@ -149,6 +149,10 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
             means = ", ".join(f"{a}: {m:.4g}" for a, m in v["pilot_means"].items())
             lines.append(f"- {k}: **{v['arm']}** (pilot means of {v['metric']}: {means})")
         lines.append("")
+    figs = sorted((Path(payload["dir"]) / "figures").glob("*.png")) if payload.get("dir") else []
+    if figs:
+        lines += ["## Figures (final seeds; median and 25-75% band)", ""]
+        lines += [f"![{f.stem}](figures/{f.name})" for f in figs] + [""]
     lines += ["Statistics: paired t intervals over seeds, Holm adjustment across the ledger's primary claims "
               "(see docs/studies.md).", ""]
     return "\n".join(lines)

@@ -391,6 +391,19 @@ def _sweep(proto: Protocol, arms: list[tuple[str, dict]], seeds: list[int], out:
     return trials
 
 
+def _figures(proto: Protocol, sweep_dir: Path, art: Path) -> None:
+    """Learning curves of the final sweep (the sweep report's PNGs), copied to ``art/figures``."""
+    import shutil
+
+    from .report import write_report
+
+    write_report(sweep_dir, title=f"Study '{proto.name}': sweep report", metrics=("test_error", "wall_time"))
+    figs = art / "figures"
+    figs.mkdir(exist_ok=True)
+    for png in sorted(sweep_dir.glob("*.png")):
+        shutil.copy2(png, figs / png.name)
+
+
 def default_results_dir() -> Path:
     """``results/`` of the working directory."""
     return Path("results")
@@ -442,6 +455,8 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     seconds = time.perf_counter() - t0
     art = out if quick else (Path(results) if results is not None else default_results_dir()) / proto.name
     art.mkdir(parents=True, exist_ok=True)
+    if not quick:
+        _figures(proto, out / "final", art)
     (art / "protocol.yaml").write_text(text)
     write_table(rows, art / "trials.csv")
     if pilot_rows:
