@@ -207,3 +207,15 @@ def test_mnist1d_num_train_keeps_one_pool_and_test_set():
     assert (sub.test_x == full.test_x).all()
     with pytest.raises(DataError, match="num_train"):
         create("mnist1d", num_samples=500, num_train=401, cache=False)
+
+
+def test_sweeps_run_seed_major(tmp_path):
+    from sgdlab.experiments.sweep import Point, run_sweep
+
+    cfg = {"device": "cpu", "duration": "2 steps", "data": {"name": "synthetic", "num_samples": 20, "num_test": 10},
+           "model": {"name": "mlp", "in_features": 20, "hidden": [4]}, "sampler": {"batch_size": 10},
+           "eval": {"every": 0}, "checkpoint": {"every": 0}}
+    order = []
+    run_sweep(cfg, [Point({}, "a"), Point({"optim.lr": 0.05}, "b")], [0, 1], tmp_path / "s", progress=False,
+              seed_major=True, on_result=lambda t, r: order.append((t.seed, t.label)))
+    assert order == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
