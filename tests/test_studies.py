@@ -219,3 +219,13 @@ def test_sweeps_run_seed_major(tmp_path):
     run_sweep(cfg, [Point({}, "a"), Point({"optim.lr": 0.05}, "b")], [0, 1], tmp_path / "s", progress=False,
               seed_major=True, on_result=lambda t, r: order.append((t.seed, t.label)))
     assert order == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_analyses_enter_the_table(tmp_path):
+    text = TINY.replace("seeds: {final: [0, 1, 2], pilot: [10, 11]}", "seeds: {final: [0, 1], pilot: [10, 11]}")
+    text = text.replace("record: [wall_time]", "record: [wall_time, sharpness]\nanalyses: [{kind: sharpness, samples: 50}]")
+    res = studies.run_study(_write(tmp_path, text), out=tmp_path / "runs", results=tmp_path / "results",
+                            progress=False)
+    rows = studies.read_table(res["artifacts"] / "trials.csv")
+    assert len(rows) == 4 and all(r["sharpness"] is not None and r["sharpness"] >= 0 for r in rows)
+    assert (res["artifacts"] / "figures").is_dir()

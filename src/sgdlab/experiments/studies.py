@@ -382,7 +382,15 @@ def _sweep(proto: Protocol, arms: list[tuple[str, dict]], seeds: list[int], out:
            jobs: int, progress: bool, extra: dict) -> list[dict]:
     base = _substitute(proto.base, measured)
     points = [Point(_substitute(over, measured), label) for label, over in arms]
-    run_sweep(base, points, seeds, out, jobs=jobs, progress=progress, extra_manifest=extra, seed_major=True)
+    def analyse(trial, result: dict) -> None:  # while the workers train the next trials
+        if proto.analyses and result.get("status") == "completed":
+            d = out / trial.name
+            done = d / "analysis" / "study.json"
+            run_analyses(proto, [{"dir": str(d), "status": "completed",
+                                  "extra": json.loads(done.read_text()) if done.is_file() else {}}])
+
+    run_sweep(base, points, seeds, out, jobs=jobs, progress=progress, extra_manifest=extra, seed_major=True,
+              on_result=analyse)
     trials = agg.load_trials(out)
     failed = [t["name"] for t in trials if t["status"] == "failed"]
     if failed:
