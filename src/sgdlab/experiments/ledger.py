@@ -79,7 +79,8 @@ def load(root) -> list[dict]:
 
 def _row(c: dict) -> list[str]:
     return [c["study"], c["claim"], _num(c["estimate"]), f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}]",
-            f"{c['sesoi']:g}" + (f" (margin {c['margin']:g})" if c.get("margin") else ""), str(c["n"]),
+            f"{c['sesoi']:g}" + (f" (margin {c['margin']:g})" if c.get("margin") else "")
+            + (" (log ratio)" if c.get("log") else ""), str(c["n"]),
             f"{c['p_holm']:.2g}" if c.get("p_holm") is not None else "", c["verdict"]]
 
 

@@ -319,7 +319,8 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
         ti = st.t_interval(v)
         arms = {(chosen[a[1:]]["arm"] if a.startswith("@") else a): k for a, k in c.contrast.items()}
         claims.append({"study": proto.name, "id": c.id, "claim": c.text, "metric": c.metric,
-                       "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "primary": c.primary,
+                       "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "log": c.log,
+                       "primary": c.primary,
                        "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
                        "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": ti.p,
                        "ladder": c.ladder, "at": c.at, "values": v.tolist()})
@@ -470,7 +471,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     if pilot_rows:
         write_table(pilot_rows, art / "pilot.csv")
     context = {"study": proto.name, "quick": quick, "protocol_sha256": sha, "commit": _commit(),
-               "seconds": seconds, "measurements": measured, "sweeps": str(out)}
+               "seconds": seconds, "measurements": measured, "sweeps": out.name}
     (art / "context.json").write_text(json.dumps(context, indent=2))
     from .ledger import refresh
 
