@@ -5,7 +5,6 @@ import pytest
 from scipy import stats as sps
 
 from sgdlab.experiments import aggregate as agg
-from sgdlab.experiments.verdict import CONTRADICTED, INCONCLUSIVE, SUPPORTED, decide, decide_equivalence
 
 
 def test_summarize_matches_hand_computed_statistics():
@@ -75,39 +74,6 @@ def test_bootstrap_function_of_two_samples():
     a, b = np.arange(10.0), np.arange(10.0) + 5
     est, lo, hi = agg.bootstrap_function([a, b], lambda s: s[1].mean() - s[0].mean(), n_boot=500)
     assert est == pytest.approx(5.0) and lo < 5.0 < hi
-
-
-def test_verdict_rule_on_constructed_cases():
-    rng = np.random.default_rng(7)
-    base = rng.normal(0.30, 0.01, size=10)
-    better = base - 0.05 + rng.normal(0, 0.005, size=10)
-    worse = base + 0.05 + rng.normal(0, 0.005, size=10)
-    # claim: the treatment lowers the error (direction -1)
-    d = agg.bootstrap_difference(better, base, paired=True)
-    assert decide(d.ci_low, d.ci_high, -1, n=10) == SUPPORTED
-    d = agg.bootstrap_difference(worse, base, paired=True)
-    assert decide(d.ci_low, d.ci_high, -1, n=10) == CONTRADICTED
-    # pure noise around the baseline: the centred interval contains 0
-    jitter = rng.normal(0, 0.01, size=10)
-    same = base + jitter - jitter.mean()
-    d = agg.bootstrap_difference(same, base, paired=True)
-    assert d.ci_low < 0 < d.ci_high
-    assert decide(d.ci_low, d.ci_high, -1, n=10) == INCONCLUSIVE
-    # direction +1 mirrors
-    assert decide(0.01, 0.02, +1) == SUPPORTED and decide(-0.02, -0.01, +1) == CONTRADICTED
-    # too few seeds is never decisive
-    assert decide(0.01, 0.02, +1, n=2) == INCONCLUSIVE
-    with pytest.raises(ValueError, match="direction"):
-        decide(0.0, 1.0, 0)
-
-
-def test_equivalence_rule():
-    assert decide_equivalence(-0.01, 0.015, 0.02) == SUPPORTED
-    assert decide_equivalence(-0.08, -0.03, 0.02) == CONTRADICTED
-    assert decide_equivalence(-0.03, 0.01, 0.02) == INCONCLUSIVE
-    assert decide_equivalence(0.03, 0.05, 0.02) == INCONCLUSIVE  # better than the margin: not harmful
-    with pytest.raises(ValueError, match="margin"):
-        decide_equivalence(0.0, 0.1, 0.0)
 
 
 def test_curve_interpolates_wall_clock_series():

@@ -1,72 +1,231 @@
+import csv
 import json
+import textwrap
 
-import numpy as np
 import pytest
 
+from sgdlab.cli import main
 from sgdlab.errors import ConfigError
-from sgdlab.experiments import studies
-from sgdlab.experiments import sweep as sw
-from sgdlab.experiments.verdict import SUPPORTED
+from sgdlab.experiments import ledger, protocol, studies
+from sgdlab.experiments import stats as st
+
+TINY = """\
+name: tiny
+title: a reasonable learning rate beats a tiny one
+claim: "a learning rate of 0.1 trains; 1e-5 does not"
+citation: "test fixture"
+regime: "MNIST-1D, mlp 16 hidden, 30 steps"
+estimate: "seconds"
+base:
+  device: cpu
+  duration: 30 steps
+  data: {name: mnist1d}
+  model: {name: mlp, hidden: [16]}
+  sampler: {name: epoch, batch_size: 50}
+  optim: {lr: 0.1, momentum: 0.9}
+  eval: {every: 15, train: true}
+  checkpoint: {every: 0}
+  log: {every: 10}
+arms:
+  - {label: tiny lr, set: {optim.lr: 1.0e-5}}
+  - {label: lr 0.1}
+seeds: {final: [0, 1, 2], pilot: [10, 11]}
+metrics:
+  loss_half: {kind: at_fraction, of: train_eval_loss, fraction: 0.5}
+worst: {loss_half: 2.31}
+record: [wall_time]
+claims:
+  - {id: lower, text: "lr 0.1 lowers the test error", metric: test_error, treatment: lr 0.1, baseline: tiny lr,
+     direction: lower, sesoi: 0.05}
+  - {id: higher, text: "lr 0.1 raises the test error", metric: test_error, treatment: lr 0.1,
+     baseline: tiny lr, direction: higher, sesoi: 0.05}
+  - {id: half, text: "lr 0.1 lowers the loss halfway", metric: loss_half, treatment: lr 0.1, baseline: tiny lr,
+     direction: lower, sesoi: 0.1, primary: false}
+quick:
+  set: {duration: 15 steps}
+"""
 
 
-@pytest.mark.parametrize("name", studies.names())
-@pytest.mark.parametrize("quick", [True, False])
-def test_every_study_config_validates(name, quick):
-    s = studies.STUDIES[name]
-    _, trials = sw.plan(s.base(quick), s.points(quick), s.seeds[0] if quick else s.seeds[1])
-    labels = {t.label for t in trials}
-    for c in s.claims(quick):
-        assert c.treatment in labels and c.baseline in labels
-    assert s.seeds[1] > s.seeds[0] >= 3  # the verdict rule needs at least 3 seeds per group
+def _write(tmp_path, text=TINY, name="tiny.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
 
 
-def test_a_study_end_to_end_computes_its_verdict(tmp_path, monkeypatch):
-    tiny = studies.Study(
-        "tiny", "a reasonable learning rate beats a tiny one", "test",
-        lambda q: {"duration": "60 steps", "data": {"name": "mnist1d"}, "model": {"name": "mlp", "hidden": [16]},
-                   "sampler": {"name": "epoch", "batch_size": 50}, "optim": {"lr": 0.1, "momentum": 0.9},
-                   "eval": {"every": 20}, "checkpoint": {"every": 0}, "log": {"every": 10}},
-        lambda q: [sw.Point({"optim.lr": 1e-5}, "tiny lr"), sw.Point({}, "lr 0.1")],
-        (3, 3),
-        lambda q: [studies.Claim("lr 0.1 lowers the test error", "test_error", "lr 0.1", "tiny lr", -1),
-                   studies.Claim("lr 0.1 raises the test error", "test_error", "lr 0.1", "tiny lr", +1)],
-        baseline="tiny lr")
-    monkeypatch.setitem(studies.STUDIES, "tiny", tiny)
-    res = studies.run_study("tiny", quick=True, out=tmp_path / "t", progress=False)
-    assert [v.verdict for v in res["verdicts"]] == ["supported", "contradicted"]
-    v = res["verdicts"][0]
-    assert v.ci_high < 0 and v.n == 3
-    saved = json.loads((tmp_path / "t" / "verdicts.json").read_text())
-    assert saved["verdicts"][0]["verdict"] == "supported"
-    md = (tmp_path / "t" / "report.md").read_text()
-    assert "Claim and verdicts" in md and "supported" in md
-    all_res = studies.run_all(quick=True, out=tmp_path / "all", only=["tiny"], progress=False)
-    assert (tmp_path / "all" / "summary-quick.html").is_file()
-    assert [v.verdict for v in all_res["verdicts"]] == ["supported", "contradicted"]
-    with pytest.raises(ConfigError, match="unknown study"):
-        studies.run_study("nope")
+def test_a_user_protocol_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path)
+    assert main(["study", str(path), "--out", str(tmp_path / "runs"), "--jobs", "1", "--quiet"]) == 0
+    res = tmp_path / "results" / "tiny"
+    data = json.loads((res / "verdicts.json").read_text())
+    by = {c["id"]: c for c in data["verdicts"]}
+    assert by["lower"]["outcome"] == st.SUPPORTED and by["higher"]["outcome"] == st.CONTRADICTED
+    assert by["lower"]["seeds"] == [0, 1, 2] and by["lower"]["ci_high"] < 0
+    # Holm over the two primary claims; the secondary one is not adjusted
+    raw = [by["lower"]["p"], by["higher"]["p"]]
+    assert [by["lower"]["p_holm"], by["higher"]["p_holm"]] == pytest.approx(st.holm(raw))
+    assert by["half"]["p_holm"] is None
+    assert "In regime MNIST-1D, mlp 16 hidden, 30 steps" in by["lower"]["text"]
+    assert data["protocol_sha256"] == protocol.load_protocol(path)[2] and data["commit"]
+    assert (res / "protocol.yaml").read_text() == TINY
+    with open(res / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    # seed-major order in the sweep; one row per trial with the claims' metrics
+    assert len(rows) == 6 and {"test_error", "loss_half", "wall_time"} <= set(rows[0])
+    sweep = json.loads((tmp_path / "runs" / "final" / "sweep.json").read_text())
+    assert sweep["protocol_sha256"] == data["protocol_sha256"]
+    # the ledger reads the results back; verdicts are recomputed from the table alone
+    capsys.readouterr()
+    assert main(["ledger", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| study | claim |") and md.count("\n") == 4 and "supported" in md
+    assert "lr 0.1 lowers the loss halfway" not in md  # secondary claims stay in the study's report
+    (res / "verdicts.json").unlink()
+    assert main(["ledger", "--recompute"]) == 0
+    again = json.loads((res / "verdicts.json").read_text())
+    assert again["verdicts"] == data["verdicts"]
 
 
-def test_optimal_batch_verdict_on_constructed_results(tmp_path):
-    lrs, bs, ns = studies._ob_grid(True)
-    rng = np.random.default_rng(0)
-    trials = []
-    for n in ns:
-        for lr in lrs:
-            best = bs[min(len(bs) - 1, lrs.index(lr) + ns.index(n))]  # B* grows with lr and with N
-            for b in bs:
-                for seed in range(4):
-                    acc = 0.8 - 0.1 * abs(np.log2(b) - np.log2(best)) + rng.normal(0, 0.003)
-                    trials.append({"label": studies._ob_label(lr, b, n), "seed": seed, "status": "completed",
-                                   "summary": {"final": {"test_acc": acc}}, "rows": [], "overrides": {}})
-    verdicts, sections = studies._ob_extra(studies.STUDIES["optimal_batch"], tmp_path, trials, True)
-    assert [v.verdict for v in verdicts] == [SUPPORTED, SUPPORTED]
-    assert verdicts[0].estimate == pytest.approx(2.0)  # log2(64/16)
-    assert (tmp_path / "accuracy_vs_batch.png").is_file() and sections
+def test_quick_mode_labels_pilot_estimates(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path)
+    assert main(["study", str(path), "--quick", "--out", str(tmp_path / "q"), "--jobs", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pilot, not a verdict" in out and "not run yet" in out
+    trials = json.loads((tmp_path / "q" / "trials" / "sweep.json").read_text())["trials"]
+    assert sorted({t["seed"] for t in trials}) == [10, 11]  # pilot seeds, never the final ones
+    assert not (tmp_path / "results").exists()
 
 
-def test_cli_study_rejects_unknown_names(capsys):
-    from sgdlab.cli import main
+def test_diverged_trials_count_at_the_worst_value():
+    proto, _, _ = protocol.load_protocol(studies_path("tiny_inline", TINY))
+    table = [{"arm": "tiny lr", "seed": s, "status": "completed", "test_error": 0.8, "loss_half": 2.0}
+             for s in (0, 1, 2)]
+    table += [{"arm": "lr 0.1", "seed": 0, "status": "nonfinite", "test_error": None, "loss_half": None},
+              {"arm": "lr 0.1", "seed": 1, "status": "completed", "test_error": 0.3, "loss_half": 1.0},
+              {"arm": "lr 0.1", "seed": 2, "status": "completed", "test_error": 0.31, "loss_half": 1.1}]
+    r = studies.verdicts_from_tables(proto, table)
+    c = r["claims"][0]
+    assert c["diverged"] == 1 and c["values"] == pytest.approx([0.2, -0.5, -0.49])  # worst test error 1.0
+    assert r["claims"][2]["values"] == pytest.approx([0.31, -1.0, -0.9])  # the protocol's worst.loss_half
+    table[4]["status"] = "interrupted"
+    with pytest.raises(ConfigError, match="incomplete"):
+        studies.verdicts_from_tables(proto, table)
+    with pytest.raises(ConfigError, match="pairing by seed"):
+        studies.verdicts_from_tables(proto, [t for t in table if (t["arm"], t["seed"]) != ("lr 0.1", 2)
+                                             and t["status"] != "interrupted"])
 
+
+_TMP = {}
+
+
+def studies_path(name, text):
+    import tempfile
+    from pathlib import Path
+
+    d = _TMP.setdefault("d", Path(tempfile.mkdtemp()))
+    p = d / f"{name}.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("patch,match", [
+    (("seeds: {final: [0, 1, 2], pilot: [10, 11]}", "seeds: {final: [0, 1, 2], pilot: [2, 11]}"), "never reused"),
+    (("\n     baseline: tiny lr,", "\n     baseline: nope,"), "unknown arm"),
+    (("sesoi: 0.1, primary", "sesoi: 0.1, worst: 1, primary"), "claims.2.worst"),
+    (("worst: {loss_half: 2.31}", "worst: {}"), "worst.loss_half"),
+])
+def test_protocol_errors_name_the_field(patch, match):
+    text = TINY.replace(*patch)
+    assert text != TINY
+    with pytest.raises(ConfigError, match=match):
+        protocol.load_protocol(studies_path("bad", text))
+
+
+def test_unknown_study_exits_2(capsys):
     assert main(["study", "nope", "--quick"]) == 2
     assert "unknown study" in capsys.readouterr().err
+
+
+def test_optimum_slope_on_constructed_results():
+    text = textwrap.dedent("""\
+        name: ob
+        title: t
+        claim: c
+        citation: c
+        regime: r
+        base: {device: cpu}
+        arms:
+          - {label: "lr={lr} N={num_samples} B={batch_size}",
+             vary: {optim.lr: [0.01, 0.04], data.num_samples: [1000, 4000], sampler.batch_size: [8, 16, 32, 64, 128]}}
+        seeds: {final: [0, 1, 2, 3]}
+        claims:
+          - {id: lr, text: "B* grows with lr", kind: optimum_slope, metric: test_acc, x: sampler.batch_size,
+             factors: [optim.lr, data.num_samples], slope_of: optim.lr, direction: higher, sesoi: 0.25}
+          - {id: n, text: "B* grows with N", kind: optimum_slope, metric: test_acc, x: sampler.batch_size,
+             factors: [optim.lr, data.num_samples], slope_of: data.num_samples, direction: higher, sesoi: 0.25}
+        """)
+    proto, _, _ = protocol.load_protocol(studies_path("ob", text))
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    table = []
+    for label, over in proto.arm_list():
+        # log2 B* = 6 + 1.0 log2(lr / 0.01) + 0.5 log2(N / 1000): slopes 1 and 0.5
+        opt = 3 + np.log2(over["optim.lr"] / 0.01) + 0.5 * np.log2(over["data.num_samples"] / 1000)
+        for s in range(4):
+            acc = 0.9 - 0.02 * (np.log2(over["sampler.batch_size"]) - opt) ** 2 + rng.normal(0, 1e-4)
+            table.append({"arm": label, "seed": s, "status": "completed", "test_acc": acc})
+    r = studies.verdicts_from_tables(proto, table)
+    lr, n = r["claims"]
+    assert lr["estimate"] == pytest.approx(1.0, abs=0.02) and n["estimate"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_every_shipped_protocol_validates_and_plans():
+    from sgdlab.experiments import sweep as sw
+
+    names = protocol.shipped()
+    assert set(names) == {"srs", "shake", "random_gradient", "importance", "batch_size", "scaling", "optimal_batch"}
+    for name in names:
+        proto, _, _ = protocol.load_protocol(name)
+        assert len(proto.seeds.final) >= 5, name  # the coverage test in test_stats.py is at 5 seeds
+        assert proto.estimate and proto.regime
+        for quick in (False, True):
+            base = studies._substitute(proto.base, {"tau_th": 1.5, "cost_ratio": 2.0})
+            pts = [sw.Point(studies._substitute(o, {"tau_th": 1.5, "cost_ratio": 2.0}), lab)
+                   for lab, o in proto.arm_list(quick)]
+            sw.plan(base, pts, [0])
+
+
+def test_mnist1d_num_train_keeps_one_pool_and_test_set():
+    from sgdlab.data import create
+    from sgdlab.errors import DataError
+
+    full = create("mnist1d", num_samples=500, cache=False)
+    sub = create("mnist1d", num_samples=500, num_train=100, cache=False)
+    assert sub.train_x.shape[0] == 100 and (sub.train_x == full.train_x[:100]).all()
+    assert (sub.test_x == full.test_x).all()
+    with pytest.raises(DataError, match="num_train"):
+        create("mnist1d", num_samples=500, num_train=401, cache=False)
+
+
+def test_sweeps_run_seed_major(tmp_path):
+    from sgdlab.experiments.sweep import Point, run_sweep
+
+    cfg = {"device": "cpu", "duration": "2 steps", "data": {"name": "synthetic", "num_samples": 20, "num_test": 10},
+           "model": {"name": "mlp", "in_features": 20, "hidden": [4]}, "sampler": {"batch_size": 10},
+           "eval": {"every": 0}, "checkpoint": {"every": 0}}
+    order = []
+    run_sweep(cfg, [Point({}, "a"), Point({"optim.lr": 0.05}, "b")], [0, 1], tmp_path / "s", progress=False,
+              seed_major=True, on_result=lambda t, r: order.append((t.seed, t.label)))
+    assert order == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_analyses_enter_the_table(tmp_path):
+    text = TINY.replace("seeds: {final: [0, 1, 2], pilot: [10, 11]}", "seeds: {final: [0, 1], pilot: [10, 11]}")
+    text = text.replace("record: [wall_time]", "record: [wall_time, sharpness]\nanalyses: [{kind: sharpness, samples: 50}]")
+    res = studies.run_study(_write(tmp_path, text), out=tmp_path / "runs", results=tmp_path / "results",
+                            progress=False)
+    rows = studies.read_table(res["artifacts"] / "trials.csv")
+    assert len(rows) == 4 and all(r["sharpness"] is not None and r["sharpness"] >= 0 for r in rows)
+    assert (res["artifacts"] / "figures").is_dir()

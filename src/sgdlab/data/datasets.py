@@ -140,8 +140,12 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
 
 
 @register("mnist1d")
-def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, cache: bool = True) -> Dataset:
+def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, cache: bool = True,
+            num_train: int | None = None) -> Dataset:
     """MNIST-1D generated offline by the ``mnist1d`` package (defaults: 4,000 train / 1,000 test, length 40).
+
+    ``num_train`` keeps the first ``num_train`` training examples of the generated pool and the whole test
+    set, so runs with different training-set sizes share one pool and one test set.
 
     Generation reseeds numpy's and Python's global RNGs inside the package; both are saved and
     restored around it, so creating the dataset never disturbs the caller's random state.
@@ -177,6 +181,10 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, c
         arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
         if cache:
             _atomic_save_npz(path, **arrays)
+    if num_train is not None:
+        if isinstance(num_train, bool) or not isinstance(num_train, int) or not 0 < num_train <= len(arrays["y"]):
+            raise DataError(f"mnist1d: num_train must be an integer in [1, {len(arrays['y'])}], got {num_train!r}")
+        arrays = dict(arrays, x=arrays["x"][:num_train], y=arrays["y"][:num_train])
     return Dataset(
         name="mnist1d",
         train_x=torch.as_tensor(arrays["x"], dtype=torch.float32),

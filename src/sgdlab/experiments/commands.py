@@ -1,4 +1,4 @@
-"""CLI hook: ``sgdlab sweep``, ``sgdlab report`` and ``sgdlab study`` (added to ``sgdlab.cli``'s parser)."""
+"""CLI hook: ``sgdlab sweep``, ``sgdlab report``, ``sgdlab study`` and ``sgdlab ledger`` (added to ``sgdlab.cli``'s parser)."""
 
 from __future__ import annotations
 
@@ -50,31 +50,73 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _committed(results) -> dict[tuple[str, str], str]:
+    """``{(study, claim id): verdict}`` committed under ``results`` (default ./results, else the source tree's)."""
+    import json
+
+    from .protocol import studies_dir
+
+    roots = [Path(results)] if results else [Path("results")] + (
+        [studies_dir().parent / "results"] if studies_dir() is not None else [])
+    out: dict = {}
+    for root in roots:
+        for f in sorted(root.glob("*/verdicts.json")) if root.is_dir() else []:
+            data = json.loads(f.read_text())
+            for c in data.get("verdicts", []):
+                out.setdefault((c["study"], c["id"]), c["verdict"])
+    return out
+
+
 def _cmd_study(args) -> int:
     import sys
 
     from rich.console import Console
 
     from . import studies
+    from .ledger import rich_table
 
     console = Console(width=None if sys.stdout.isatty() else 150)
+    kw = dict(quick=args.quick, results=args.results, jobs=args.jobs, progress=not args.quiet)
     if args.name == "all":
-        res = studies.run_all(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet,
-                              console=console)
-        console.print(studies.verdict_table(res["verdicts"], title=f"Verdicts ({'quick' if args.quick else 'full'}"
-                                                                   f", {res['seconds']:.0f} s)"))
-        console.print(f"summary: {res['summary']['html']}")
+        done = studies.run_all(out=args.out, console=console, **kw)
+    else:
+        done = [studies.run_study(args.name, out=args.out, **kw)]
+    claims = [c for r in done for c in r["verdicts"]]
+    seconds = sum(r["seconds"] for r in done)
+    if args.quick:
+        committed = _committed(args.results)
+        for c in claims:
+            c["committed"] = committed.get((c["study"], c["id"]))
+        console.print(rich_table(claims, title=f"Quick mode ({seconds:.0f} s): pilot estimates beside the "
+                                               f"committed verdicts", pilot=True))
+    else:
+        console.print(rich_table(claims, title=f"Verdicts ({seconds:.0f} s)"))
+    for r in done:
+        console.print(f"{r['name']}: {r['artifacts'] / 'report.md'}")
+    return 0
+
+
+def _cmd_ledger(args) -> int:
+    from .ledger import ledger_markdown, load, refresh, rich_table
+
+    root = Path(args.results)
+    if args.recompute:
+        refresh(root)
+    if args.markdown:
+        print(ledger_markdown(root), end="")
         return 0
-    if args.name not in studies.STUDIES:
-        raise ConfigError(f"unknown study {args.name!r}; known: {', '.join(studies.names())}, all")
-    res = studies.run_study(args.name, quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet)
-    console.print(studies.verdict_table(res["verdicts"], title=f"{args.name} ({res['seconds']:.0f} s)"))
-    console.print(f"report: {res['report']['html']}")
+    from rich.console import Console
+
+    claims = load(root)
+    if not claims:
+        print(f"{root}: no study results (run `sgdlab study NAME`)")
+        return 0
+    Console(width=150).print(rich_table(claims))
     return 0
 
 
 def add_parsers(sub) -> None:
-    """Register ``sweep``, ``report`` and ``study`` on the ``sgdlab`` subparsers."""
+    """Register ``sweep``, ``report``, ``study`` and ``ledger`` on the ``sgdlab`` subparsers."""
     s = sub.add_parser("sweep", help="run a config over a grid x seeds in parallel (resumable)")
     s.add_argument("config", nargs="?", help="base YAML config")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
@@ -98,10 +140,19 @@ def add_parsers(sub) -> None:
     r.add_argument("--out", help="where to write the report (default: the sweep directory)")
     r.set_defaults(fn=_cmd_report)
 
-    t = sub.add_parser("study", help="test a paper's claim on MNIST-1D: sweep, analyses, report, verdict")
-    t.add_argument("name", help="srs, shake, random_gradient, importance, batch_size, scaling, optimal_batch, or all")
-    t.add_argument("--quick", action="store_true", help="few seeds, short runs (about a minute per study)")
-    t.add_argument("--out", help="output directory (default runs/studies/NAME[-quick]; for all: runs/studies)")
+    t = sub.add_parser("study", help="run a study protocol (pre-registered claim test): sweep, verdicts, report")
+    t.add_argument("name", help="a shipped study (srs, shake, random_gradient, importance, batch_size, scaling, "
+                                "optimal_batch), 'all', or a protocol file path.yaml")
+    t.add_argument("--quick", action="store_true", help="pilot seeds, short runs: pilot estimates, not verdicts")
+    t.add_argument("--out", help="sweep folder (default runs/studies/NAME[-quick]; for all: its parent)")
+    t.add_argument("--results", help="where full runs write their artifacts (default ./results)")
     t.add_argument("--jobs", type=int, default=_default_jobs(), help="parallel worker processes")
     t.add_argument("--quiet", action="store_true", help="no progress display")
     t.set_defaults(fn=_cmd_study)
+
+    g = sub.add_parser("ledger", help="the claims ledger: every study's verdicts, recomputed from results/")
+    g.add_argument("--results", default="results", help="results folder (default ./results)")
+    g.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's ledger)")
+    g.add_argument("--recompute", action="store_true",
+                   help="rewrite every verdicts.json and report.md from the committed tables")
+    g.set_defaults(fn=_cmd_ledger)

@@ -1,263 +1,140 @@
-"""Studies: one sweep per claim of the papers, on MNIST-1D, with verdicts computed from bootstrap intervals.
+"""Running a study protocol (:mod:`sgdlab.experiments.protocol`) and computing its verdicts.
 
-``sgdlab study NAME [--quick]`` runs the study's sweep, its analyses (sharpness, interpolation), the
-report, and writes ``verdicts.json``; ``sgdlab study all`` runs them all and writes one summary. Every
-verdict comes from :mod:`sgdlab.experiments.verdict` applied to a 95% bootstrap interval of a
-difference between groups, paired by seed (same initialisation, same data stream where the sampler
-allows). ``--quick`` uses few seeds and short runs (about a minute per study on two CPU cores); its
-verdicts are often ``inconclusive`` by design: the full study has the seeds to decide.
+``sgdlab study NAME|path.yaml [--quick]``:
 
-The studies (papers/ in the project's shared folder; METHODS.md sections in brackets):
+1. measurements the protocol asks for (e.g. the backward/forward cost ratio), saved and reused on resume;
+2. with ``select``: a pilot sweep of the candidate arms on the pilot seeds, and the choice of each
+   selection's best arm (recorded);
+3. the final sweep of the arms the claims need on the final seeds, seed-major (every arm of one
+   seed before the next seed), resumable;
+4. per-trial diagnostics (sharpness, Hessian) and a table of per-trial final metrics (``trials.csv``;
+   diverged trials are rows with ``status: nonfinite``);
+5. the verdicts, computed from the tables alone by :func:`verdicts_from_tables`
+   (:mod:`sgdlab.experiments.stats`), so a change of the statistics never needs a rerun:
+   ``sgdlab ledger --recompute`` rewrites every ``results/*/verdicts.json`` from the committed tables.
 
-- ``srs`` (SRS paper, Table 3 design scaled down [1]): sequenced-replacement sampling vs epoch-wise
-  sampling, batch 32, the late step schedule (drops at 60%, 75%, 87.5% of the run), same steps.
-- ``shake`` (Shake-Shake, Table 1 [2]): Shake-Shake-Image vs Even-Even-Batch on ``shake_resnet1d``.
-- ``random_gradient`` (Random Gradient [3]): the loss times U[0,1) per step vs the plain loss, momentum
-  0.9; training loss (full training set) at a quarter of the run and averaged over the run.
-- ``importance`` (Katharopoulos & Fleuret [4]): importance sampling with presampling vs uniform
-  sampling (epoch-wise and with replacement) at equal wall-clock time; final training loss.
-- ``batch_size`` (lecture notes, Keskar et al. [5]): test accuracy and Keskar sharpness of small- vs
-  large-batch solutions at equal epochs (Adam, one learning rate), plus the interpolation between them.
-- ``scaling`` (lecture notes, Goyal et al. [5]): lr = base * k with gradual warmup at batch 32 k; accuracy
-  within 2 points of k = 1 at moderate k, degraded at the largest k.
-- ``optimal_batch`` (lecture notes Fig. 7, Smith & Le [5]): the batch size of best test accuracy grows
-  with the learning rate and with the training set size (grid lr x batch x N).
+A full run of a shipped study writes its artifacts to ``results/<name>/`` (protocol copy, ``trials.csv``,
+``pilot.csv``, ``verdicts.json``, ``report.md``); the sweeps (checkpoints and logs) stay under
+``--out`` (default ``runs/studies/<name>``). Quick mode runs every arm on the pilot seeds with the
+protocol's quick settings and prints pilot estimates, labelled "pilot, not a verdict", beside the
+committed verdict from ``results/``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import re
+import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
 from . import aggregate as agg
-from .report import Block, Section, difference, fmt, render, write_report
+from . import stats as st
+from .protocol import Claim, Protocol, load_protocol, shipped
 from .sweep import Point, run_sweep
-from .verdict import INCONCLUSIVE, Verdict, decide, decide_equivalence
 
-__all__ = ["STUDIES", "Claim", "Study", "names", "run_all", "run_study", "verdict_table"]
+__all__ = ["build_table", "read_table", "run_all", "run_study", "select_arms", "verdicts_from_tables", "write_table"]
 
-
-@dataclass
-class Claim:
-    """A directional (or equivalence) claim: ``metric`` of ``treatment`` vs ``baseline`` (group labels)."""
-
-    text: str
-    metric: str
-    treatment: str
-    baseline: str
-    direction: int = -1
-    margin: float | None = None  # set: an equivalence claim within +-margin
-
-    def judge(self, study: str, vals: dict[str, dict[int, float]]) -> Verdict:
-        a, b = vals.get(self.treatment) or {}, vals.get(self.baseline) or {}
-        n = min(len(a), len(b))
-        if n == 0:
-            return Verdict(study, self.text, self.metric, math.nan, math.nan, math.nan, 0, INCONCLUSIVE,
-                           "no completed trials")
-        d = difference(vals, self.treatment, self.baseline)
-        if self.margin is not None:
-            v = decide_equivalence(d.ci_low, d.ci_high, self.margin, harmful=-self.direction, n=n)
-            rule = f"95% CI of {self.treatment} - {self.baseline} within +-{self.margin:g}"
-        else:
-            v = decide(d.ci_low, d.ci_high, self.direction, n=n)
-            rule = (f"95% CI of {self.treatment} - {self.baseline} "
-                    f"{'< 0' if self.direction < 0 else '> 0'}")
-        return Verdict(study, self.text, self.metric, d.estimate, d.ci_low, d.ci_high, n, v, rule)
-
-
-@dataclass
-class Study:
-    """A claim's experiment: base config, labelled grid points, seeds and budgets for quick/full, claims."""
-
-    name: str
-    title: str
-    paper: str
-    base: Callable[[bool], dict]
-    points: Callable[[bool], list[Point]]
-    seeds: tuple[int, int]
-    claims: Callable[[bool], list[Claim]]
-    metrics: Sequence[str] = ("test_error", "test_loss", "wall_time")
-    figures: Sequence[tuple[str, str]] = (("test_error", "epoch"), ("train_loss", "epoch"))
-    baseline: str | None = None
-    analyze: Callable | None = None   # (study, out, trials, quick) -> None; writes RUN/analysis/study.json
-    extra: Callable | None = None     # (study, out, trials, quick) -> (verdicts, sections)
-
-
-def _base(model: dict, batch: int, duration: str, *, lr: float = 0.05, momentum: float = 0.9,
-          wd: float = 5e-4, schedule: dict | None = None, eval_every: int = 100, train_eval: bool = False,
-          sampler: dict | None = None, optim: dict | None = None) -> dict:
-    return {
-        "device": "cpu", "duration": duration, "data": {"name": "mnist1d"}, "model": model,
-        "sampler": dict({"name": "epoch", "batch_size": batch}, **(sampler or {})),
-        "optim": dict({"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": wd}, **(optim or {})),
-        "schedule": schedule or {"name": "constant"},
-        "eval": {"every": eval_every, "batch_size": 1000, "train": train_eval},
-        "checkpoint": {"every": 500}, "log": {"every": 10, "progress": False},
-    }
+_SUB = re.compile(r"^\$\{(\w+)\}$")
 
 
 # ---------------------------------------------------------------------------------------------------
-# srs
+# measurements
 # ---------------------------------------------------------------------------------------------------
 
-def _srs_base(quick: bool) -> dict:
-    # SRS paper Table 3: lr divided by 10 at 120/150/175 of 200 effective epochs (60%, 75%, 87.5%).
-    return _base({"name": "cnn1d"}, 32, "12 epochs" if quick else "40 epochs", lr=0.05,
-                 schedule={"name": "multistep", "unit": "fraction", "milestones": [0.6, 0.75, 0.875],
-                           "factor": 0.1}, eval_every=125)
+def measure_cost_ratio(proto: Protocol, repeats: int | None = None) -> dict:
+    """Backward/forward time ratio ``r`` of the base model on one batch (one thread, median of repeats), and
+    ``tau_th = (B + (1 + r) b) / ((1 + r) b)`` for presample ``B`` and batch ``b`` (Katharopoulos & Fleuret)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..train.config import load_config
+    from ..train.engine import build_dataset, build_model
+
+    m = proto.measure
+    raw = json.loads(json.dumps(proto.base))
+    raw["log"] = dict(raw.get("log") or {}, progress=False)
+    cfg = load_config(raw)
+    ds = build_dataset(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, ds.num_classes).train()
+    x, y = ds.train_x[: m.batch_size], ds.train_y[: m.batch_size]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fwd, both = [], []
+    try:
+        for i in range((repeats or m.repeats) + 3):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            t1 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            t2 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if i >= 3:  # warm-up
+                fwd.append(t1 - t0)
+                both.append(t2 - t1)
+    finally:
+        torch.set_num_threads(threads)
+    f, fb = float(np.median(fwd)), float(np.median(both))
+    r = max(fb - f, 0.0) / f
+    tau_th = (m.presample + (1 + r) * m.batch_size) / ((1 + r) * m.batch_size)
+    return {"cost_ratio": r, "tau_th": tau_th, "forward_s": f, "forward_backward_s": fb,
+            "batch_size": m.batch_size, "presample": m.presample}
 
 
-STUDY_SRS = Study(
-    "srs", "SRS beats epoch-wise sampling at a matched schedule",
-    "Sequenced-Replacement Sampling (ICLR 2019 submission), Table 3 design on MNIST-1D",
-    _srs_base,
-    lambda q: [Point({"sampler.name": "epoch"}, "epoch"), Point({"sampler.name": "srs"}, "srs")],
-    (5, 16),
-    lambda q: [Claim("SRS lowers the test error vs epoch-wise sampling (same steps, late schedule)",
-                     "test_error", "srs", "epoch", -1)],
-    figures=(("test_error", "epoch"), ("train_loss", "epoch")), baseline="epoch")
+def _substitute(value, values: dict):
+    if isinstance(value, str):
+        m = _SUB.match(value)
+        if m:
+            if m.group(1) not in values:
+                raise ConfigError(f"${{{m.group(1)}}}: no such measurement (have: {', '.join(values) or 'none'})")
+            return values[m.group(1)]
+        return value
+    if isinstance(value, dict):
+        return {k: _substitute(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------
-# shake
+# per-trial metrics
 # ---------------------------------------------------------------------------------------------------
 
-SSI = {"forward": "shake", "backward": "shake", "level": "image"}
-EEB = {"forward": "even", "backward": "even", "level": "batch"}
-
-
-def _shake_base(quick: bool) -> dict:
-    # Shake-Shake CIFAR-10 recipe scaled down: SGD Nesterov 0.9, wd 1e-4, cosine to 0 per step.
-    return _base({"name": "shake_resnet1d", "depth": 8, "width": 12 if quick else 16}, 64,
-                 "5 epochs" if quick else "30 epochs",
-                 lr=0.1, wd=1e-4, optim={"nesterov": True}, schedule={"name": "cosine", "unit": "steps"},
-                 eval_every=62)
-
-
-def _shake_extra(study: Study, out: Path, trials: list[dict], quick: bool):
-    """The comparison laid out as the paper's Table 1: Forward / Backward / Level and test error (%)."""
-    vals = agg.group_values(trials, "test_error")
-    rows = []
-    for label, mode in (("E-E-B", EEB), ("S-S-I", SSI)):
-        if vals.get(label):
-            st = agg.summarize(list(vals[label].values()))
-            rows.append([mode["forward"].capitalize(), mode["backward"].capitalize(), mode["level"].capitalize(),
-                         100 * st.median, 100 * st.mean, f"[{fmt(100 * st.ci_low)}, {fmt(100 * st.ci_high)}]", st.n])
-    return [], [Section("Table 1 layout", [Block("table", headers=["Forward", "Backward", "Level", "median error (%)",
-                                                                  "mean error (%)", "95% CI", "n"], rows=rows)])]
-
-
-STUDY_SHAKE = Study(
-    "shake", "Shake-Shake (S-S-I) lowers the test error vs Even-Even-Batch",
-    "Gastaldi, Shake-Shake regularization (2017), Table 1 on a 1-D Shake-ResNet",
-    _shake_base,
-    lambda q: [Point({"model.shake": EEB}, "E-E-B"), Point({"model.shake": SSI}, "S-S-I")],
-    (4, 16),
-    lambda q: [Claim("Shake-Shake-Image lowers the test error vs Even-Even-Batch", "test_error", "S-S-I",
-                     "E-E-B", -1)],
-    figures=(("test_error", "epoch"), ("train_loss", "epoch")), baseline="E-E-B", extra=_shake_extra)
-
-
-# ---------------------------------------------------------------------------------------------------
-# random gradient
-# ---------------------------------------------------------------------------------------------------
-
-def _rg_base(quick: bool) -> dict:
-    # Random Gradient recipe: SGD momentum 0.9, poly decay (power 0.9), wd 5e-4, batch 128.
-    return _base({"name": "cnn1d"}, 128, "500 steps" if quick else "2000 steps", lr=0.05,
-                 schedule={"name": "poly", "unit": "fraction", "power": 0.9}, eval_every=25, train_eval=True)
-
-
-def _rg_analyze(study: Study, out: Path, trials: list[dict], quick: bool) -> None:
-    """Training loss (full training set) at the first evaluation at or after a quarter of the run."""
-    for t in trials:
-        if t["status"] != "completed":
+def _derived(proto: Protocol, trial: dict, measured: dict) -> dict[str, float]:
+    rows = trial.get("rows") or []
+    out: dict[str, float] = {}
+    for name, m in proto.metrics.items():
+        if m.kind == "forward_equivalents":
+            r = float(measured.get("cost_ratio", 2.0))
+            act = [row["is_active"] for row in rows if "is_active" in row]
+            frac = float(np.mean(act)) if act else 0.0
+            steps = float((trial.get("summary") or {}).get("steps", rows[-1]["step"] if rows else 0))
+            out[name] = steps * ((1 + r) * m.batch + frac * (m.presample or 0))
             continue
-        rows = [r for r in t["rows"] if "train_eval_loss" in r]
-        if not rows:
+        pts = [(float(row[m.x]), float(row[m.of])) for row in rows if m.of in row and m.x in row
+               and isinstance(row[m.of], (int, float)) and math.isfinite(row[m.of])]
+        if not pts:
             continue
-        target = 0.25 * rows[-1]["step"]
-        early = next(r for r in rows if r["step"] >= target)
-        _write_extra(t, {"train_loss_early": early["train_eval_loss"], "early_step": early["step"]})
-
-
-STUDY_RG = Study(
-    "random_gradient", "Random gradient speeds convergence with momentum",
-    "Wei, Random Gradient (loss x U[0,1) per step), momentum 0.9",
-    _rg_base,
-    lambda q: [Point({}, "plain"), Point({"loss.random_gradient": {"low": 0.0, "high": 1.0}}, "random_gradient")],
-    (5, 16),
-    lambda q: [Claim("random gradient lowers the training loss early (a quarter into the run)",
-                     "train_loss_early", "random_gradient", "plain", -1),
-               Claim("random gradient lowers the training loss averaged over the run (area under the curve)",
-                     "train_loss_auc", "random_gradient", "plain", -1)],
-    metrics=("train_loss_early", "train_loss_auc", "train_eval_loss", "test_error"),
-    figures=(("train_eval_loss", "step"), ("test_error", "step")), baseline="plain", analyze=_rg_analyze)
-
-
-# ---------------------------------------------------------------------------------------------------
-# importance sampling
-# ---------------------------------------------------------------------------------------------------
-
-def _is_base(quick: bool) -> dict:
-    # Katharopoulos & Fleuret: batch b, presample B = 5b, tau_th = (B + 3b) / 3b, lr drops by 5 on the
-    # wall-clock schedule, equal time budgets.
-    return _base({"name": "cnn1d"}, 64, "5 s" if quick else "20 s", lr=0.05,
-                 schedule={"name": "multistep", "unit": "fraction", "milestones": [0.6, 0.85], "factor": 0.2},
-                 eval_every=50, train_eval=True)
-
-
-STUDY_IS = Study(
-    "importance", "Importance sampling lowers the training loss at equal wall-clock time",
-    "Katharopoulos & Fleuret, Not all samples are created equal (ICML 2018), loss vs time",
-    _is_base,
-    lambda q: [Point({"sampler.name": "epoch"}, "uniform (epoch)"),
-               Point({"sampler.name": "replacement"}, "uniform (replacement)"),
-               Point({"sampler.name": "importance", "sampler.presample": 320}, "importance")],
-    (4, 10),
-    lambda q: [Claim("importance sampling lowers the final training loss vs epoch-wise uniform sampling "
-                     "(equal wall-clock)", "train_eval_loss", "importance", "uniform (epoch)", -1),
-               Claim("importance sampling lowers the final training loss vs uniform sampling with replacement "
-                     "(equal wall-clock)", "train_eval_loss", "importance", "uniform (replacement)", -1)],
-    metrics=("train_eval_loss", "train_loss_auc", "test_error", "steps"),
-    figures=(("train_eval_loss", "time"), ("test_error", "time")), baseline="uniform (epoch)")
-
-
-# ---------------------------------------------------------------------------------------------------
-# batch size: generalization, sharpness, interpolation
-# ---------------------------------------------------------------------------------------------------
-
-def _bs_list(quick: bool) -> list[int]:
-    # The largest batch is 6.4% of the 4,000 training examples (Keskar et al.'s large batch is 10%), small
-    # enough that every size fits the training set in the same epochs (final training loss about 0.06 at
-    # B=256), so the comparison is not one of a converged against an unconverged model.
-    return [32, 256] if quick else [16, 64, 256]
-
-
-def _bs_base(quick: bool) -> dict:
-    # Keskar et al.'s protocol: Adam, one learning rate for every batch size, equal epochs, no weight decay.
-    # (SGD with momentum at one learning rate is either unstable at batch 16 or too slow at batch 256.)
-    return _base({"name": "cnn1d"}, 32, "25 epochs" if quick else "60 epochs", lr=5e-3, wd=0.0,
-                 optim={"name": "adam", "momentum": 0.0}, eval_every=100)
-
-
-def _write_extra(trial: dict, values: dict) -> None:
-    d = Path(trial["dir"]) / "analysis"
-    d.mkdir(exist_ok=True)
-    path = d / "study.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    old.update(values)
-    tmp = d / ".study.json.tmp"
-    tmp.write_text(json.dumps(old, indent=2))
-    tmp.replace(path)
-    trial["extra"] = old
+        if m.kind == "mean":
+            out[name] = float(np.mean([v for _, v in pts]))
+        elif m.kind == "at_fraction":
+            target = m.fraction * pts[-1][0]
+            out[name] = next(v for x, v in pts if x >= target - 1e-9)
+        elif m.kind == "first_below":
+            hit = next((x for x, v in pts if v <= m.target), None)
+            out[name] = hit if hit is not None else pts[-1][0]
+            out[f"{name}_reached"] = 0.0 if hit is None else 1.0
+    return out
 
 
 def _ce(logits, y):
@@ -266,348 +143,354 @@ def _ce(logits, y):
     return F.cross_entropy(logits, y)
 
 
-def _bs_analyze(study: Study, out: Path, trials: list[dict], quick: bool) -> None:
-    """Keskar sharpness (eps 1e-3, full space) of each solution on 1,000 training examples."""
+def run_analyses(proto: Protocol, trials: list[dict]) -> None:
+    """Sharpness / top Hessian eigenvalue of each completed trial's final model on its first training
+    examples, written once to ``RUN/analysis/study.json`` (skipped when present)."""
+    if not proto.analyses:
+        return
     import torch
 
     from .. import analysis, train
 
     for t in trials:
-        if t["status"] != "completed" or "sharpness" in (t.get("extra") or {}):
+        if t["status"] != "completed":
+            continue
+        extra = dict(t.get("extra") or {})
+        todo = [a for a in proto.analyses if a.kind not in extra]
+        if not todo:
             continue
         _, model, ds = train.load_run(t["dir"])
-        n = 1000 if quick else 2000
-        data = (ds.train_x[:n], ds.train_y[:n])
-        torch.manual_seed(0)
-        s = analysis.model_sharpness(model, _ce, data, eps=1e-3, max_iter=10, seed=0)
-        _write_extra(t, {"sharpness": float(s)})
+        for a in todo:
+            data = (ds.train_x[: a.samples], ds.train_y[: a.samples])
+            torch.manual_seed(0)
+            if a.kind == "sharpness":
+                extra["sharpness"] = float(analysis.model_sharpness(model, _ce, data, eps=a.eps, max_iter=10, seed=0))
+            else:
+                extra["hessian_top"] = float(analysis.hessian_eigenvalues(model, _ce, data, k=1)[0])
+        d = Path(t["dir"]) / "analysis"
+        d.mkdir(exist_ok=True)
+        (d / ".study.json.tmp").write_text(json.dumps(extra, indent=2))
+        (d / ".study.json.tmp").replace(d / "study.json")
+        t["extra"] = extra
 
 
-def _bs_extra(study: Study, out: Path, trials: list[dict], quick: bool):
-    from .. import analysis, train
-
-    sizes = _bs_list(quick)
-    blocks: list[Block] = []
-    acc = agg.group_values(trials, "test_acc")
-    sharp = agg.group_values(trials, "sharpness")
-    labels = [f"B={b}" for b in sizes]
-    if all(acc.get(lab) for lab in labels) and all(sharp.get(lab) for lab in labels):
-        analysis.plot_sharpness_vs_batch(sizes, [float(np.median(list(acc[lab].values()))) for lab in labels],
-                                         {"eps=1e-3": [float(np.median(list(sharp[lab].values())))
-                                                       for lab in labels]},
-                                         path=out / "accuracy_sharpness_vs_batch.png")
-        blocks.append(Block("img", "test accuracy and sharpness against batch size (medians over seeds)",
-                            path="accuracy_sharpness_vs_batch.png"))
-    small = next((t for t in trials if t["label"] == labels[0] and t["status"] == "completed"), None)
-    large = next((t for t in trials if t["label"] == labels[-1] and t["status"] == "completed"
-                  and small is not None and t["seed"] == small["seed"]), None)
-    if small is not None and large is not None:
-        _, m_s, ds = train.load_run(small["dir"])
-        _, m_l, _ = train.load_run(large["dir"])
-        alphas = np.linspace(-0.5, 1.5, 17 if quick else 33).tolist()
-        tr = analysis.interpolate(m_s, m_l, _ce, (ds.train_x, ds.train_y), alphas=alphas)
-        te = analysis.interpolate(m_s, m_l, _ce, (ds.test_x, ds.test_y), alphas=alphas)
-        analysis.plot_interpolation(tr, te, path=out / "interpolation.png",
-                                    labels=(f"B={sizes[0]}", f"B={sizes[-1]}"),
-                                    title=f"seed {small['seed']}: B={sizes[0]} (alpha 0) to B={sizes[-1]} (alpha 1)")
-        (out / "interpolation.json").write_text(json.dumps({"train": tr, "test": te}, indent=2))
-        blocks.append(Block("img", "loss and accuracy along the line from the small-batch (alpha 0) to the "
-                                   "large-batch (alpha 1) solution (lecture notes Fig. 5)", path="interpolation.png"))
-    return [], [Section("Sharpness and interpolation", blocks)] if blocks else []
-
-
-STUDY_BS = Study(
-    "batch_size", "Small batches find flatter minima and generalize better",
-    "Lecture notes: Towards Understanding SGD (Keskar et al.'s experiment), equal epochs",
-    _bs_base,
-    lambda q: [Point({"sampler.batch_size": b}, f"B={b}") for b in _bs_list(q)],
-    (4, 10),
-    lambda q: [Claim(f"batch {_bs_list(q)[0]} reaches a higher test accuracy than batch {_bs_list(q)[-1]}",
-                     "test_acc", f"B={_bs_list(q)[0]}", f"B={_bs_list(q)[-1]}", +1),
-               Claim(f"batch {_bs_list(q)[0]} finds a flatter minimum (lower Keskar sharpness) than batch "
-                     f"{_bs_list(q)[-1]}", "sharpness", f"B={_bs_list(q)[0]}", f"B={_bs_list(q)[-1]}", -1)],
-    metrics=("test_acc", "sharpness", "train_loss", "test_loss"),
-    figures=(("test_error", "epoch"), ("train_loss", "epoch")), analyze=_bs_analyze, extra=_bs_extra)
-
-
-# ---------------------------------------------------------------------------------------------------
-# linear scaling rule with warmup
-# ---------------------------------------------------------------------------------------------------
-
-SCALING_BASE_LR, SCALING_BASE_B = 0.02, 32
-
-
-def _ks(quick: bool) -> list[int]:
-    return [1, 4, 32] if quick else [1, 2, 4, 8, 16, 32, 64]
-
-
-def _scaling_base(quick: bool) -> dict:
-    epochs = 16 if quick else 40
-    return _base({"name": "cnn1d"}, SCALING_BASE_B, f"{epochs} epochs", lr=SCALING_BASE_LR,
-                 schedule={"name": "multistep", "unit": "epochs", "milestones": [epochs // 2, 3 * epochs // 4],
-                           "factor": 0.1, "warmup": max(1, epochs // 10)}, eval_every=100)
-
-
-def _scaling_points(quick: bool) -> list[Point]:
-    return [Point({"sampler.batch_size": SCALING_BASE_B * k, "optim.lr": SCALING_BASE_LR * k,
-                   "schedule.warmup_from": 1.0 / k}, f"k={k}") for k in _ks(quick)]
-
-
-def _scaling_extra(study: Study, out: Path, trials: list[dict], quick: bool):
-    vals = agg.group_values(trials, "test_acc")
-    rows, threshold, broken = [], None, False
-    for k in _ks(quick)[1:]:
-        if not vals.get(f"k={k}") or not vals.get("k=1"):
-            continue
-        d = difference(vals, f"k={k}", "k=1")
-        holds = d.ci_low > -SCALING_MARGIN
-        rows.append([k, SCALING_BASE_B * k, SCALING_BASE_LR * k, d.estimate, f"[{fmt(d.ci_low)}, {fmt(d.ci_high)}]",
-                     "yes" if holds else "no"])
-        broken = broken or not holds
-        if not broken:
-            threshold = k
-    _scaling_figure(trials, out, quick)
-    blocks = [Block("p", f"Accuracy of batch 32k with lr {SCALING_BASE_LR}k (gradual warmup from lr "
-                         f"{SCALING_BASE_LR}) minus the k = 1 baseline; the rule 'holds' while the interval's "
-                         f"lower end is above -{SCALING_MARGIN}. Largest k where it holds (consecutively): "
-                         f"{threshold if threshold else 'none'}."),
-              Block("table", headers=["k", "batch", "lr", "accuracy difference", "95% CI", "holds"], rows=rows),
-              Block("img", "test accuracy against k (median and range over seeds)", path="scaling.png")]
-    return [], [Section("Scaling threshold", blocks)]
-
-
-def _scaling_figure(trials: list[dict], out: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    vals = agg.group_values(trials, "test_acc")
-    ks = [k for k in _ks(quick) if vals.get(f"k={k}")]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    med = [np.median(list(vals[f"k={k}"].values())) for k in ks]
-    lo = [min(vals[f"k={k}"].values()) for k in ks]
-    hi = [max(vals[f"k={k}"].values()) for k in ks]
-    ax.plot(ks, med, "o-")
-    ax.fill_between(ks, lo, hi, alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"k (batch {SCALING_BASE_B}k, lr {SCALING_BASE_LR}k)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
-
-
-SCALING_MARGIN = 0.02
-
-STUDY_SCALING = Study(
-    "scaling", "The linear scaling rule with warmup holds up to a batch-size threshold",
-    "Lecture notes (Goyal et al.'s linear scaling rule with gradual warmup), equal epochs",
-    _scaling_base, _scaling_points, (4, 8),
-    lambda q: [Claim(f"lr x k keeps the accuracy of k = 1 within {SCALING_MARGIN:g} at k = {_ks(q)[1]}",
-                     "test_acc", f"k={_ks(q)[1]}", "k=1", +1, margin=SCALING_MARGIN),
-               Claim(f"the rule breaks down beyond a threshold: accuracy drops at k = {_ks(q)[-1]}",
-                     "test_acc", f"k={_ks(q)[-1]}", "k=1", -1)],
-    metrics=("test_acc", "train_loss"), figures=(("test_error", "epoch"),), baseline="k=1", extra=_scaling_extra)
-
-
-# ---------------------------------------------------------------------------------------------------
-# optimal batch size vs learning rate and dataset size
-# ---------------------------------------------------------------------------------------------------
-
-def _ob_grid(quick: bool):
-    if quick:
-        return [0.01, 0.3], [16, 64, 256], [2500, 5000]
-    return [0.01, 0.03, 0.1, 0.3], [8, 16, 32, 64, 128, 256, 512], [2500, 5000]
-
-
-def _ob_base(quick: bool) -> dict:
-    # SGD momentum 0.9, constant lr, equal epochs: the noise scale g = lr/(1-m) (N/B - 1) sets the optimum.
-    return _base({"name": "mlp"}, 32, "15 epochs" if quick else "20 epochs", momentum=0.9, wd=0.0, eval_every=0)
-
-
-def _ob_label(lr: float, b: int, n: int) -> str:
-    return f"N={n} lr={lr:g} B={b}"
-
-
-def _ob_points(quick: bool) -> list[Point]:
-    lrs, bs, ns = _ob_grid(quick)
-    return [Point({"data.num_samples": n, "optim.lr": lr, "sampler.batch_size": b}, _ob_label(lr, b, n))
-            for n in ns for lr in lrs for b in bs]
-
-
-def _ob_extra(study: Study, out: Path, trials: list[dict], quick: bool):
-    lrs, bs, ns = _ob_grid(quick)
-    vals = agg.group_values(trials, "test_acc")
-    cells = [(lr, b, n) for n in ns for lr in lrs for b in bs]
-    if any(not vals.get(_ob_label(*c)) for c in cells):
-        return [Verdict(study.name, "optimal batch size", "test_acc", math.nan, math.nan, math.nan, 0,
-                        INCONCLUSIVE, "missing grid cells")], []
-    samples = [np.array(list(vals[_ob_label(*c)].values())) for c in cells]
-    index = {c: i for i, c in enumerate(cells)}
-
-    def log_bstar(arrs, lr, n):
-        means = [arrs[index[(lr, b, n)]].mean() for b in bs]
-        return math.log2(bs[int(np.argmax(means))])
-
-    def d_lr(arrs):
-        return float(np.mean([log_bstar(arrs, lrs[-1], n) - log_bstar(arrs, lrs[0], n) for n in ns]))
-
-    def d_n(arrs):
-        return float(np.mean([log_bstar(arrs, lr, ns[-1]) - log_bstar(arrs, lr, ns[0]) for lr in lrs]))
-
-    verdicts = []
-    nmin = min(len(s) for s in samples)
-    for text, fn in ((f"the optimal batch size grows with the learning rate (lr {lrs[0]:g} -> {lrs[-1]:g})", d_lr),
-                     (f"the optimal batch size grows with the dataset size (N {ns[0]} -> {ns[-1]})", d_n)):
-        est, lo, hi = agg.bootstrap_function(samples, fn, n_boot=1000 if quick else 2000)
-        verdicts.append(Verdict(study.name, text, "log2 B* (argmax test_acc)", est, lo, hi, nmin,
-                                decide(lo, hi, +1, n=nmin), "95% bootstrap CI of the log2 change of B* > 0"))
-    _ob_figure(vals, out, quick)
+def build_table(proto: Protocol, trials: list[dict], measured: dict) -> list[dict]:
+    """One row per trial: ``arm``, ``seed``, ``status`` and the claims' and recorded metrics (blank when diverged)."""
+    wanted: list[str] = []
+    for name in [c.metric for c in proto.claims] + [s.metric for s in proto.select.values()] + list(proto.record):
+        if name not in wanted:
+            wanted.append(name)
+    for name, m in proto.metrics.items():
+        if m.kind == "first_below" and name in wanted:
+            wanted.append(f"{name}_reached")
     rows = []
-    for n in ns:
-        for lr in lrs:
-            means = [np.mean(list(vals[_ob_label(lr, b, n)].values())) for b in bs]
-            rows.append([n, lr, bs[int(np.argmax(means))]] + [float(m) for m in means])
-    sec = Section("Optimal batch size", [
-        Block("img", "test accuracy against batch size per learning rate (lecture notes Fig. 7); one panel per "
-                     "dataset size", path="accuracy_vs_batch.png"),
-        Block("table", headers=["N", "lr", "B*"] + [f"acc B={b}" for b in bs], rows=rows)])
-    return verdicts, [sec]
+    for t in trials:
+        row = {"arm": t["label"], "seed": int(t["seed"]), "status": t["status"]}
+        vals = {}
+        if t["status"] == "completed":
+            vals = dict(agg.trial_metrics(t), **_derived(proto, t, measured))
+        for name in wanted:
+            v = vals.get(name)
+            row[name] = "" if v is None else repr(float(v))
+        rows.append(row)
+    return rows
 
 
-def _ob_figure(vals, out: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lrs, bs, ns = _ob_grid(quick)
-    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 3.8), sharey=True)
-    for ax, n in zip(np.atleast_1d(axes), ns):
-        for lr in lrs:
-            med = [np.median(list(vals[_ob_label(lr, b, n)].values())) for b in bs]
-            ax.plot(bs, med, "o-", label=f"lr={lr:g}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_title(f"N={n} (mnist1d num_samples)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    np.atleast_1d(axes)[0].set_ylabel("test accuracy")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_batch.png", dpi=110)
-    plt.close(fig)
+def write_table(rows: list[dict], path: Path) -> None:
+    """``rows`` as CSV (columns of the first row)."""
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    path.write_text(buf.getvalue())
 
 
-STUDY_OB = Study(
-    "optimal_batch", "The optimal batch size grows with the learning rate and the dataset size",
-    "Lecture notes Fig. 7 (Smith & Le: noise scale lr N / B), SGD momentum 0.9, equal epochs",
-    _ob_base, _ob_points, (3, 5), lambda q: [], metrics=("test_acc",), figures=(), extra=_ob_extra)
+def read_table(path: Path) -> list[dict]:
+    """A table written by :func:`write_table` (seed as int, metric cells as float or None)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict = {"arm": r.pop("arm"), "seed": int(r.pop("seed")), "status": r.pop("status")}
+            row.update({k: (float(v) if v != "" else None) for k, v in r.items()})
+            out.append(row)
+    return out
 
 
-# The order of ``study all``: the longest (shake-shake) last.
-STUDIES: dict[str, Study] = {s.name: s for s in (STUDY_SRS, STUDY_RG, STUDY_IS, STUDY_BS, STUDY_SCALING,
-                                                  STUDY_OB, STUDY_SHAKE)}
+# ---------------------------------------------------------------------------------------------------
+# verdicts from tables
+# ---------------------------------------------------------------------------------------------------
+
+def _per_arm(proto: Protocol, table: list[dict], metric: str, log: bool = False
+             ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """``{arm: {seed: value}}`` with diverged trials at the protocol's worst value, and diverged counts."""
+    if log:
+        vals, diverged = _per_arm(proto, table, metric)
+        bad = [(a, s) for a, d in vals.items() for s, v in d.items() if not v > 0]
+        if bad:
+            raise ConfigError(f"{metric}: a log contrast needs positive values; arm {bad[0][0]!r} seed {bad[0][1]}")
+        return {a: {s: math.log(v) for s, v in d.items()} for a, d in vals.items()}, diverged
+    vals: dict[str, dict[int, float]] = {}
+    diverged: dict[str, int] = {}
+    for r in table:
+        arm = vals.setdefault(r["arm"], {})
+        if r["status"] == "completed" and r.get(metric) is not None:
+            arm[r["seed"]] = float(r[metric])
+        elif r["status"] == "nonfinite":
+            arm[r["seed"]] = proto.worst_value(metric)
+            diverged[r["arm"]] = diverged.get(r["arm"], 0) + 1
+        elif r["status"] == "completed":
+            raise ConfigError(f"trials table: arm {r['arm']!r} seed {r['seed']} has no value of {metric!r}")
+        else:
+            raise ConfigError(f"study incomplete: arm {r['arm']!r} seed {r['seed']} is {r['status']}; "
+                              f"rerun the study to resume it")
+    return vals, diverged
 
 
-def names() -> list[str]:
-    """The study names, in the order ``study all`` runs them."""
-    return list(STUDIES)
+def select_arms(proto: Protocol, pilot: list[dict], quick: bool = False) -> dict[str, dict]:
+    """Each selection's chosen arm: the best mean of its metric over the pilot seeds (ties: first listed).
+    In quick mode a selection without candidates among the arms run is left out."""
+    chosen = {}
+    for name, sel in proto.select.items():
+        vals, _ = _per_arm(proto, [r for r in pilot if r["arm"] in sel.candidates], sel.metric)
+        means = {a: float(np.mean(list(vals[a].values()))) for a in sel.candidates if vals.get(a)}
+        if not means and quick:
+            continue
+        if not means:
+            raise ConfigError(f"select.{name}: no pilot results")
+        sign = 1 if sel.direction == "higher" else -1
+        best = max(means, key=lambda a: sign * means[a])
+        chosen[name] = {"arm": best, "metric": sel.metric, "pilot_means": means}
+    return chosen
 
 
-def verdict_rows(verdicts: Sequence[Verdict]) -> list[list]:
-    return [[v.study, v.claim, v.metric, v.estimate, f"[{fmt(v.ci_low)}, {fmt(v.ci_high)}]", v.n, v.verdict]
-            for v in verdicts]
+def _optimum_slope(claim: Claim, arms: dict[str, dict], vals: dict[str, dict[int, float]]) -> tuple[list[int], np.ndarray]:
+    """Per seed: log2 optimum of ``x`` per factor cell, regressed on log2 of the factors; the ``slope_of`` coefficient."""
+    seeds = sorted(next(iter(vals.values())))
+    cells: dict[tuple, list[tuple[float, str]]] = {}
+    for label, over in arms.items():
+        if label not in vals or claim.x not in over:
+            continue
+        key = tuple(float(over[f]) for f in claim.factors)
+        cells.setdefault(key, []).append((float(over[claim.x]), label))
+    out = []
+    for s in seeds:
+        ys, design = [], []
+        for key, pts in cells.items():
+            pts = sorted(pts)
+            lx = np.log2([p[0] for p in pts])
+            v = np.array([vals[lab][s] for _, lab in pts]) * (1 if claim.maximize else -1)
+            a, b, _ = np.polyfit(lx, v, 2) if len(pts) >= 3 else (0.0, 0.0, 0.0)
+            if a < 0 and lx[0] <= -b / (2 * a) <= lx[-1]:
+                opt = -b / (2 * a)
+            else:
+                opt = lx[int(np.argmax(v))]
+            ys.append(opt)
+            design.append([1.0] + [math.log2(k) for k in key])
+        coef, *_ = np.linalg.lstsq(np.array(design), np.array(ys), rcond=None)
+        out.append(coef[1 + claim.factors.index(claim.slope_of)])
+    return seeds, np.array(out)
 
 
-VERDICT_HEADERS = ["study", "claim", "metric", "difference", "95% CI", "n", "verdict"]
+def _claim_values(proto: Protocol, claim: Claim, table: list[dict], chosen: dict) -> tuple[list[int], np.ndarray, int]:
+    vals, diverged = _per_arm(proto, table, claim.metric, claim.log)
+    if claim.kind == "optimum_slope":
+        seeds, v = _optimum_slope(claim, dict(proto.arm_list()), vals)
+        return seeds, v, sum(diverged.values())
+    coef = {}
+    for arm, c in claim.contrast.items():
+        coef[chosen[arm[1:]]["arm"] if arm.startswith("@") else arm] = c
+    seeds, v = st.paired_values(vals, coef)
+    return seeds, v, sum(diverged.get(a, 0) for a in coef)
 
 
-def run_study(name: str, *, quick: bool = False, out=None, jobs: int = 1, progress: bool = True) -> dict:
-    """Run study ``name`` into ``out`` (default ``runs/studies/<name>[-quick]``): sweep, analyses, report, verdicts.
+def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] | None = None, *,
+                         quick: bool = False) -> dict:
+    """Every claim's estimate, 95% interval, raw p, seeds and diverged count, before multiplicity
+    (``holm`` fills the adjusted p, decision interval and outcome); plus the pilot selections."""
+    chosen = select_arms(proto, pilot or table, quick) if proto.select else {}
+    present = {r["arm"] for r in table}
+    claims = []
+    for c in proto.claims:
+        named = [chosen.get(a[1:], {}).get("arm") if a.startswith("@") else a for a in c.contrast]
+        if quick and c.kind == "contrast" and not set(named) <= present:
+            continue  # quick mode may run a subset of the arms
+        seeds, v, ndiv = _claim_values(proto, c, table, chosen)
+        ti = st.t_interval(v)
+        arms = {(chosen[a[1:]]["arm"] if a.startswith("@") else a): k for a, k in c.contrast.items()}
+        claims.append({"study": proto.name, "id": c.id, "claim": c.text, "metric": c.metric,
+                       "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "log": c.log,
+                       "primary": c.primary,
+                       "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
+                       "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": ti.p,
+                       "ladder": c.ladder, "at": c.at, "values": v.tolist()})
+    return {"claims": claims, "selection": chosen}
 
-    Returns ``{"name", "verdicts": [Verdict], "report": {"markdown", "html"}, "seconds"}`` and writes
-    ``verdicts.json`` next to the report.
-    """
-    if name not in STUDIES:
-        raise ConfigError(f"unknown study {name!r}; known: {', '.join(STUDIES)} (or 'all')")
-    study = STUDIES[name]
-    out = Path(out) if out is not None else Path("runs/studies") / (name + ("-quick" if quick else ""))
-    t0 = time.perf_counter()
-    seeds = study.seeds[0] if quick else study.seeds[1]
-    run_sweep(study.base(quick), study.points(quick), seeds, out, jobs=jobs, progress=progress,
-              extra_manifest={"study": name, "quick": quick})
+
+def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float = 0.05) -> None:
+    """Holm across all primary claims of ``results`` (``{study: verdicts_from_tables(...)}``), then each
+    claim's decision interval, outcome, power note and text; ladders get their largest supported rung."""
+    primary = [c for r in results.values() for c in r["claims"] if c["primary"]]
+    raw = [c["p"] for c in primary]
+    for c, adj, lev in zip(primary, st.holm(raw), st.holm_levels(raw, alpha)):
+        c["p_holm"], c["decision_level"] = adj, lev
+    for name, r in results.items():
+        proto = protos[name]
+        for c in r["claims"]:
+            level = c.get("decision_level", 1 - alpha)
+            if not c["primary"]:
+                c["p_holm"], c["decision_level"] = None, level
+            ti = st.t_interval(c["values"], level)
+            d = st.decide(ti.low, ti.high, 1 if c["direction"] == "higher" else -1, c["sesoi"], margin=c["margin"],
+                          sd=ti.sd, n=ti.n, alpha=1 - level)
+            c.update(decision_low=ti.low, decision_high=ti.high, outcome=d.outcome, qualifier=d.qualifier,
+                     verdict=d.label, seeds_needed=d.seeds_needed, note=d.note)
+            c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
+                         f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}, {c['n']} seeds"
+                         + (f", {c['diverged']} diverged trials counted at the worst value" if c["diverged"] else "")
+                         + ").")
+        ladders: dict[str, list] = {}
+        for c in r["claims"]:
+            if c["ladder"]:
+                ladders.setdefault(c["ladder"], []).append(c)
+        r["ladders"] = {}
+        for lad, cs in ladders.items():
+            best = None
+            for c in sorted(cs, key=lambda c: c["at"]):
+                if c["outcome"] != st.SUPPORTED:
+                    break
+                best = c["at"]
+            r["ladders"][lad] = best
+
+
+# ---------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------
+
+def _commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+modified" if dirty else "")) if sha else "unknown"
+
+
+def _sweep(proto: Protocol, arms: list[tuple[str, dict]], seeds: list[int], out: Path, measured: dict, *,
+           jobs: int, progress: bool, extra: dict) -> list[dict]:
+    base = _substitute(proto.base, measured)
+    points = [Point(_substitute(over, measured), label) for label, over in arms]
+    def analyse(trial, result: dict) -> None:  # while the workers train the next trials
+        if proto.analyses and result.get("status") == "completed":
+            d = out / trial.name
+            done = d / "analysis" / "study.json"
+            run_analyses(proto, [{"dir": str(d), "status": "completed",
+                                  "extra": json.loads(done.read_text()) if done.is_file() else {}}])
+
+    run_sweep(base, points, seeds, out, jobs=jobs, progress=progress, extra_manifest=extra, seed_major=True,
+              on_result=analyse)
     trials = agg.load_trials(out)
-    if study.analyze is not None:
-        study.analyze(study, out, trials, quick)
-        trials = agg.load_trials(out)
-    verdicts: list[Verdict] = []
-    for c in study.claims(quick):
-        verdicts.append(c.judge(name, agg.group_values(trials, c.metric)))
-    sections: list[Section] = []
-    if study.extra is not None:
-        more, sections = study.extra(study, out, trials, quick)
-        verdicts += more
-    lead = [Section("Claim and verdicts", [
-        Block("p", f"{study.title}. Source: {study.paper}. Mode: {'quick' if quick else 'full'}, {seeds} seeds "
-                   f"per group. A verdict is 'supported' when the 95% bootstrap interval of the difference "
-                   f"excludes 0 in the claimed direction, 'contradicted' when it excludes 0 in the other, "
-                   f"else 'inconclusive'."),
-        Block("table", headers=VERDICT_HEADERS, rows=verdict_rows(verdicts))])]
-    report = write_report(out, baseline=f"label={study.baseline}" if study.baseline else None,
-                          metrics=study.metrics, title=f"Study '{name}': {study.title}", figures=study.figures,
-                          lead=lead, sections=sections)
+    failed = [t["name"] for t in trials if t["status"] == "failed"]
+    if failed:
+        raise ConfigError(f"{out}: {len(failed)} trials failed (see sweep.json), e.g. {failed[0]}")
+    run_analyses(proto, trials)
+    return trials
+
+
+def _figures(proto: Protocol, sweep_dir: Path, art: Path) -> None:
+    """Learning curves of the final sweep (the sweep report's PNGs), copied to ``art/figures``."""
+    import shutil
+
+    from .report import write_report
+
+    write_report(sweep_dir, title=f"Study '{proto.name}': sweep report", metrics=("test_error", "wall_time"))
+    figs = art / "figures"
+    figs.mkdir(exist_ok=True)
+    for png in sorted(sweep_dir.glob("*.png")):
+        shutil.copy2(png, figs / png.name)
+
+
+def default_results_dir() -> Path:
+    """``results/`` of the working directory."""
+    return Path("results")
+
+
+def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs: int = 1,
+              progress: bool = True) -> dict:
+    """Run a protocol (shipped name or path); return ``{"name", "verdicts", "out", "artifacts", "seconds"}``.
+
+    Full mode writes the artifacts to ``results/<name>/`` (or ``results``) and recomputes the ledger's
+    Holm adjustment over every study there; quick mode writes them beside its sweep.
+    """
+    proto, text, sha = load_protocol(name_or_path)
+    out = Path(out) if out is not None else Path("runs/studies") / (proto.name + ("-quick" if quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    measured: dict = {}
+    if proto.measure is not None:
+        mpath = out / "measurements.json"
+        if mpath.is_file():
+            measured = json.loads(mpath.read_text())
+        else:
+            measured = measure_cost_ratio(proto, repeats=5 if quick else None)
+            mpath.write_text(json.dumps(measured, indent=2))
+    extra = {"study": proto.name, "quick": quick, "protocol_sha256": sha}
+    pilot_rows: list[dict] = []
+    if quick:
+        seeds = proto.quick.seeds or proto.seeds.pilot
+        if not seeds:
+            raise ConfigError(f"{proto.name}: quick mode needs quick.seeds or seeds.pilot")
+        if len(seeds) < 2:
+            raise ConfigError(f"{proto.name}: quick mode needs at least 2 seeds")
+        trials = _sweep(proto, proto.arm_list(quick=True), seeds, out / "trials", measured, jobs=jobs,
+                        progress=progress, extra=extra)
+        rows = build_table(proto, trials, measured)
+    else:
+        arms = proto.arm_list()
+        candidates = {a for s in proto.select.values() for a in s.candidates}
+        if proto.select:
+            ptrials = _sweep(proto, [a for a in arms if a[0] in candidates], proto.seeds.pilot, out / "pilot",
+                             measured, jobs=jobs, progress=progress, extra=dict(extra, phase="pilot"))
+            pilot_rows = build_table(proto, ptrials, measured)
+            keep = {c["arm"] for c in select_arms(proto, pilot_rows).values()}
+            keep |= {a for c in proto.claims for a in c.contrast if not a.startswith("@")}
+            arms = [a for a in arms if a[0] not in candidates or a[0] in keep]
+        trials = _sweep(proto, arms, proto.seeds.final, out / "final", measured, jobs=jobs, progress=progress,
+                        extra=dict(extra, phase="final"))
+        rows = build_table(proto, trials, measured)
     seconds = time.perf_counter() - t0
-    (out / "verdicts.json").write_text(json.dumps({"study": name, "quick": quick, "seeds": seeds,
-                                                   "seconds": seconds,
-                                                   "verdicts": [v.as_dict() for v in verdicts]}, indent=2,
-                                                  default=str))
-    return {"name": name, "verdicts": verdicts, "report": report, "seconds": seconds, "out": out}
+    art = out if quick else (Path(results) if results is not None else default_results_dir()) / proto.name
+    art.mkdir(parents=True, exist_ok=True)
+    if not quick:
+        _figures(proto, out / "final", art)
+    (art / "protocol.yaml").write_text(text)
+    write_table(rows, art / "trials.csv")
+    if pilot_rows:
+        write_table(pilot_rows, art / "pilot.csv")
+    context = {"study": proto.name, "quick": quick, "protocol_sha256": sha, "commit": _commit(),
+               "seconds": seconds, "measurements": measured, "sweeps": out.name}
+    (art / "context.json").write_text(json.dumps(context, indent=2))
+    from .ledger import refresh
+
+    if quick:
+        res = refresh(art.parent, only=[art])
+    else:
+        res = refresh(art.parent)
+    return {"name": proto.name, "verdicts": res[proto.name]["claims"], "out": out, "artifacts": art,
+            "seconds": seconds, "protocol": proto}
 
 
-def verdict_table(verdicts: Sequence[Verdict], title: str = "Verdicts"):
-    """A rich table of verdicts (colour by outcome)."""
-    from rich.table import Table
-
-    colours = {"supported": "green", "contradicted": "red", "inconclusive": "yellow"}
-    table = Table(title=title, show_lines=False)
-    for h in VERDICT_HEADERS:
-        table.add_column(h, overflow="fold", justify="left" if h in ("study", "claim", "metric") else "right")
-    for r in verdict_rows(verdicts):
-        r = [fmt(x) for x in r]
-        r[-1] = f"[{colours.get(r[-1], 'white')}]{r[-1]}[/]"
-        table.add_row(*r)
-    return table
-
-
-def run_all(*, quick: bool = False, out=None, jobs: int = 1, progress: bool = True,
-            only: Sequence[str] | None = None, console=None) -> dict:
-    """Run every study (or those in ``only``) into ``out`` (default ``runs/studies``) and write
-    ``summary[-quick].md`` / ``.html`` with the verdict table and links to each study's report."""
+def run_all(*, quick: bool = False, out=None, results=None, jobs: int = 1, progress: bool = True,
+            only: Sequence[str] | None = None, console=None) -> list[dict]:
+    """Run every shipped study (or those in ``only``), cheapest first; ``out`` is the parent of each study's folder."""
     root = Path(out) if out is not None else Path("runs/studies")
-    root.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in (only or names()):
-        sub = root / (name + ("-quick" if quick else ""))
+    done = []
+    for name in (only or shipped()):
         if console is not None:
             console.rule(f"study {name}")
-        results.append(run_study(name, quick=quick, out=sub, jobs=jobs, progress=progress))
-    verdicts = [v for r in results for v in r["verdicts"]]
-    total = sum(r["seconds"] for r in results)
-    rows = [[r["name"], f"{r['seconds']:.0f} s", Path(r["report"]["html"]).relative_to(root).as_posix()]
-            for r in results]
-    sections = [Section("Verdicts", [
-        Block("p", f"Mode: {'quick (few seeds, short runs: expect inconclusive verdicts)' if quick else 'full'}. "
-                   f"Total time {total:.0f} s."),
-        Block("table", headers=VERDICT_HEADERS, rows=verdict_rows(verdicts))]),
-        Section("Reports", [Block("table", headers=["study", "time", "report"], rows=rows)])]
-    md, h = render("sgdlab studies: the papers' claims on MNIST-1D", sections)
-    stem = "summary-quick" if quick else "summary"
-    (root / f"{stem}.md").write_text(md)
-    (root / f"{stem}.html").write_text(h)
-    (root / f"{stem}.json").write_text(json.dumps({"quick": quick, "seconds": total,
-                                                   "verdicts": [v.as_dict() for v in verdicts]}, indent=2,
-                                                  default=str))
-    return {"results": results, "verdicts": verdicts, "seconds": total,
-            "summary": {"markdown": root / f"{stem}.md", "html": root / f"{stem}.html"}}
+        sub = root / (Path(name).stem + ("-quick" if quick else ""))
+        done.append(run_study(name, quick=quick, out=sub, results=results, jobs=jobs, progress=progress))
+    return done

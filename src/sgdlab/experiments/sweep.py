@@ -323,14 +323,17 @@ def _check_existing(out: Path, trials: list[Trial]) -> None:
 
 def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1, out_dir="runs/sweep",
               *, jobs: int = 1, backend: str = "process", address: str | None = None, progress: bool = True,
-              extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None) -> dict:
+              extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None,
+              seed_major: bool = False) -> dict:
     """Run every trial of ``config`` x ``points`` x ``seeds`` into ``out_dir``; return ``sweep.json``'s content.
 
     ``jobs`` worker processes (spawned when ``jobs > 1``, in this process when ``jobs == 1``) or, with
     ``backend="ray"``, one Ray task per trial on the cluster at ``address`` (a local instance if
     ``None``). Every trial runs with ``torch.set_num_threads(1)``, so its numbers do not depend on
     ``jobs`` or the backend. Finished trials are skipped and interrupted ones resumed (see module doc). The returned
-    dict adds ``counts`` (trials per action: ran, resumed, skipped, failed).
+    dict adds ``counts`` (trials per action: ran, resumed, skipped, failed). ``seed_major=True`` runs the
+    trials seed by seed (every point of the first seed, then of the second, ...), so slow drift of the
+    machine's load does not line up with the groups being compared.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
@@ -345,6 +348,11 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
     _write_manifest(out, base, trials, results, extra)
     counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0}
     todo = [t for t in trials if trial_state(out / t.name) not in ("completed", "nonfinite")]
+    if seed_major:
+        first = {}
+        for t in trials:
+            first.setdefault(t.seed, len(first))
+        todo.sort(key=lambda t: first[t.seed])  # stable: grid order within a seed
     for t in trials:
         if t not in todo:
             results[t.name] = {"action": "skipped", "status": trial_state(out / t.name)}
