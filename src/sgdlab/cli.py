@@ -54,6 +54,8 @@ def _cmd_check(args) -> int:
         print(f"{path}: {status}")
         for line in lines:
             print(f"  {line}")
+        if not ok:
+            print(f"sgdlab: error: {path}: {lines[-1]}", file=sys.stderr)
         failures += not ok
     return 2 if failures else 0
 

@@ -363,6 +363,13 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise yaml.MarkedYAMLError(problem="integer too large (more than 64 bits)",
+                                       problem_mark=node.start_mark) from None
+
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
@@ -376,6 +383,9 @@ class _BoundedLoader(yaml.SafeLoader):
                                            problem_mark=key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def _expanded_size(node, memo: dict) -> int:

@@ -92,6 +92,26 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
+def step_error(cfg: Config, x: torch.Tensor, y: torch.Tensor, e: BaseException) -> ConfigError:
+    """The one-line error of a first training step that fails (the model and the data disagree)."""
+    return ConfigError(f"model {cfg.model.name} cannot train on {cfg.data.name} batches of shape {tuple(x.shape)} "
+                       f"with labels up to {int(y.max()) if y.numel() else 0}: {_first_line(e)}")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters (ConfigError naming ``optim``)."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+
+
 def _physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -272,6 +292,10 @@ def _setup_distributed(device_name: str) -> _Dist:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        # a worker of torchrun: die with the launcher (even when it is SIGKILLed), never linger as an orphan
+        # that keeps writing checkpoints; a SIGTERM that torchrun forwards still stops the run gracefully
+        guard.die_with_parent(signal.SIGKILL)
     owned = False
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -551,10 +575,7 @@ class _Run:
         if cfg.fast.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        try:
-            self.opt = self._optimizer(model)
-        except ValueError as e:
-            raise ConfigError(f"optim: {e}") from None
+        self.opt = build_optimizer(cfg, model)
         self.train_model = model
         if dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -611,15 +632,6 @@ class _Run:
     def _say(self, msg: str) -> None:
         if self.dist.main and not self.quiet:
             print(msg, flush=True)
-
-    def _optimizer(self, model):
-        o = self.cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay)
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def _total_in(self, unit: str) -> float | None:
         d = self.cfg.duration
@@ -857,9 +869,7 @@ class _Run:
                     if self.step != first_step or isinstance(e, SgdlabError):
                         raise
                     # the first step of a set-up that cannot train (model and data disagree): one line
-                    raise ConfigError(f"model {c.model.name} cannot train on {c.data.name} batches of shape "
-                                      f"{tuple(x.shape)} with labels up to {int(y.max())}: {_first_line(e)}"
-                                      ) from None
+                    raise step_error(c, x, y, e) from None
                 diverged = False
                 if self.wants_scores or self.wants_losses:
                     # Feedback from a diverged step would poison the sampler's state (and make it raise);
