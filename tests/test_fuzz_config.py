@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from sgdlab.cli import main  # noqa: E402
+from sgdlab.cli import main
 
 BASE = {"seed": 0, "duration": "2 steps", "data": {"name": "mnist1d"}, "model": {"name": "mlp", "hidden": [8]},
         "sampler": {"name": "epoch", "batch_size": 20}, "log": {"progress": False}, "eval": {"every": 0},

@@ -243,7 +243,7 @@ def load_checkpoint(path, *, require_run: bool = True) -> dict:
                               "numbers and containers; nothing from it was run)") from None
     except MemoryError:
         raise CheckpointError(f"{p}: corrupt: its records ask for more memory than there is") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any other failure of a damaged archive
         raise CheckpointError(f"{p}: corrupt: {type(e).__name__} while reading it") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{p}: not an sgdlab checkpoint (it holds a {type(state).__name__}, not a mapping)")
