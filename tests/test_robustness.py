@@ -71,7 +71,7 @@ def _rows_written(d, n):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_mid_run_saves_marks_interrupted_and_resumes_bit_identically(tmp_path, sig):
     # checkpoint.every 0: without the signal handling nothing would be saved before the end
     cfg = dict(TINY, duration="1200 steps", checkpoint={"every": 0}, eval={"every": 200})
@@ -164,6 +164,7 @@ def test_sigint_on_a_sweep_stops_queued_trials(tmp_path):
     assert (out / names[0] / "checkpoints/last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_parallel_sweep_interrupts_running_trials(tmp_path):
     cfg = dict(TINY, duration="3000 steps", eval={"every": 0}, checkpoint={"every": 0})
     cfg_path = _write(tmp_path / "cfg.yaml", cfg)

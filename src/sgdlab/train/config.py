@@ -411,8 +411,9 @@ def read_yaml(text: str, where: str = "<string>"):
     written out with its aliases to ``MAX_NODES`` nodes (a "billion laughs" document is refused after a
     few thousand operations), and a key may appear once per mapping.
     """
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses control characters already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -432,7 +433,8 @@ def read_yaml(text: str, where: str = "<string>"):
     except (ValueError, RecursionError, OverflowError) as e:  # e.g. an integer of 5000 digits
         raise ConfigError(f"{where}: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _coerce_scalar(text: str, item: str = ""):
