@@ -20,29 +20,10 @@ from sgdlab import train
 from sgdlab.cli import main
 from sgdlab.experiments import sweep as sw
 from sgdlab.train import guard
+from test_engine import TINY, _rows, _weights
 
-TINY = {
-    "seed": 3,
-    "duration": "240 steps",
-    "data": {"name": "mnist1d"},
-    "model": {"name": "mlp", "hidden": [32]},
-    "sampler": {"name": "epoch", "batch_size": 50},
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
-    "eval": {"every": 40},
-    "checkpoint": {"every": 40},
-    "log": {"every": 10, "progress": False},
-}
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 CLI = [sys.executable, "-m", "sgdlab.cli"]
-
-
-def _rows(run_dir):
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
-
-
-def _weights(run_dir):
-    return torch.load(Path(run_dir) / "checkpoints/last.pt", weights_only=True)["model"]
 
 
 def _write(path, cfg):
@@ -188,7 +169,8 @@ def test_sigterm_on_a_parallel_sweep_interrupts_running_trials(tmp_path):
 
 
 def test_two_concurrent_runs_into_one_folder(tmp_path):
-    cfg_path = _write(tmp_path / "cfg.yaml", dict(TINY, duration="100000 steps", eval={"every": 0}))
+    cfg_path = _write(tmp_path / "cfg.yaml", dict(TINY, duration="100000 steps", eval={"every": 0},
+                                                  schedule={"name": "constant"}))
     d = tmp_path / "r"
     first = subprocess.Popen([*CLI, "run", str(cfg_path), "--out", str(d), "--quiet"], env=ENV,
                              stderr=subprocess.PIPE, text=True)
@@ -447,7 +429,7 @@ def test_model_that_cannot_take_the_data_fails_in_one_line_and_check_agrees(tmp_
     cfg = _write(tmp_path / "c.yaml", dict(TINY, model={"name": "mlp", "hidden": [8], "in_features": 13}))
     assert main(["check", str(cfg)]) == 2
     out = capsys.readouterr().out
-    assert "FAILED" in out and "cannot train on mnist1d batches of shape (50, 40)" in out
+    assert "FAILED" in out and "cannot train on mnist1d batches of shape (8, 40)" in out
     assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "cannot train on mnist1d batches of shape (50, 40)" in err and err.count("\n") == 1

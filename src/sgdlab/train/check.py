@@ -1,7 +1,7 @@
 """``sgdlab check``: validate a config, build its data, model, sampler and optimizer, and take one step.
 
-The step is the engine's first training step on one real batch (forward, loss, backward, optimizer
-step, on the CPU), so ``check`` passes exactly the configs that can start a run; a config that cannot
+The step is the engine's first training step on the first examples (at most 8) of one real sampled
+batch (forward, loss, backward, optimizer step, on the CPU), so ``check`` passes exactly the configs that can start a run; a config that cannot
 fails with the same one-line message ``run`` would give.
 """
 
@@ -18,6 +18,9 @@ from .config import load_config
 from .engine import build_dataset, build_model, build_optimizer, per_example_loss, resolve_device, step_error
 
 __all__ = ["check_config"]
+
+# The step ``check`` takes uses this many examples of the sampled batch (big models stay quick on a CPU).
+_STEP_EXAMPLES = 8
 
 # Training-set sizes of the datasets whose files may be missing on this machine.
 _KNOWN_SIZES = {"cifar10": (50000, 10, (3, 32, 32)), "cifar100": (50000, 100, (3, 32, 32))}
@@ -80,11 +83,12 @@ def check_config(path, overrides: list[str] | None = None) -> tuple[bool, list[s
                 lines.append(f"loss transform: {name} {opts}")
         opt = build_optimizer(cfg, model)
         batch = source.next_batch()
-        x, y = train_x[batch.indices], train_y[batch.indices]
+        keep = slice(0, _STEP_EXAMPLES)  # the batch's first examples: the same shapes, a fraction of the cost
+        x, y = train_x[batch.indices[keep]], train_y[batch.indices[keep]]
         try:
             losses = per_example_loss(cfg.loss.name, model(x).float(), y, cfg.loss.label_smoothing)
             if batch.weights is not None:
-                losses = losses * batch.weights.to(losses.dtype)
+                losses = losses * batch.weights[keep].to(losses.dtype)
             for t in transforms:
                 losses = t(losses, step=0, epoch=0.0)
             opt.zero_grad(set_to_none=True)
