@@ -119,7 +119,15 @@ def _check(blob: bytes, overrides: list[str]) -> tuple[int, str]:
         return code, err.getvalue()
 
 
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+START: dict = {}
+
+
 def _fuzz(data):
+    START.setdefault("peak_mib", _peak_mib())
     kind, blob, overrides = data
     code, err = _check(blob, overrides)
     OUTCOMES[(kind, code)] += 1
@@ -149,11 +157,12 @@ def test_fuzz_config_check_in_process_long(data):
 
 
 def test_fuzz_outcomes_and_memory_stay_bounded():
-    """Runs after the fuzz above in the same process: the peak memory stayed far below an alias bomb's GBs."""
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if OUTCOMES:
-        print("fuzz outcomes (kind, exit code):", dict(sorted(OUTCOMES.items())))
-    assert peak_mib < 3000, peak_mib
+    """Runs after the fuzz above in the same process: its peak memory grew by far less than an alias bomb's GBs
+    (the peak is a high-water mark of the whole test session, so only its growth during the fuzz counts)."""
+    if not OUTCOMES:
+        pytest.skip("the fuzz did not run in this session")
+    print("fuzz outcomes (kind, exit code):", dict(sorted(OUTCOMES.items())))
+    assert _peak_mib() - START["peak_mib"] < 1500
 
 
 @pytest.mark.parametrize("text", [BOMB + "notes: *i\n", "seed: " + "[" * 100000 + "]" * 100000])

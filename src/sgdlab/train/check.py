@@ -7,6 +7,7 @@ fails with the same one-line message ``run`` would give.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -26,11 +27,13 @@ _STEP_EXAMPLES = 8
 _KNOWN_SIZES = {"cifar10": (50000, 10, (3, 32, 32)), "cifar100": (50000, 100, (3, 32, 32))}
 
 
-def check_config(path, overrides: list[str] | None = None) -> tuple[bool, list[str]]:
+def check_config(path, overrides: list[str] | None = None, *, step: bool = True) -> tuple[bool, list[str]]:
     """Validate ``path``, build its dataset, model, sampler, loss transforms and optimizer, take one step.
 
     Missing data files are reported and the rest is still checked with the dataset's known sizes (the
-    step then runs on a random batch of the right shape). Returns ``(ok, lines)``; every failure is one line.
+    step then runs on a random batch of the right shape). ``step=False`` builds the model on the meta
+    device and skips the step (validation only, instant for any model size). Returns ``(ok, lines)``;
+    every failure is one line.
     """
     lines: list[str] = []
     try:
@@ -50,7 +53,8 @@ def check_config(path, overrides: list[str] | None = None) -> tuple[bool, list[s
             n, num_classes, shape = _KNOWN_SIZES[cfg.data.name]
             lines.append(f"data: files missing ({e}); checked the rest with {n} examples of shape {shape}")
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, num_classes)
+        with torch.device("meta") if not step else contextlib.nullcontext():
+            model = build_model(cfg, num_classes)
         params = sum(p.numel() for p in model.parameters())
         expected = models.input_shape(cfg.model.name)
         if len(expected) == len(shape) and expected[0] != shape[0] and cfg.model.name not in ("lstm_pixel",):
@@ -82,6 +86,8 @@ def check_config(path, overrides: list[str] | None = None) -> tuple[bool, list[s
                     raise SgdlabError(f"loss.{name}: {e}") from None
                 lines.append(f"loss transform: {name} {opts}")
         opt = build_optimizer(cfg, model)
+        if not step:
+            return True, [*lines, "step: skipped"]
         batch = source.next_batch()
         keep = slice(0, _STEP_EXAMPLES)  # the batch's first examples: the same shapes, a fraction of the cost
         x, y = train_x[batch.indices[keep]], train_y[batch.indices[keep]]
