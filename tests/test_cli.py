@@ -106,9 +106,15 @@ def test_run_with_overrides_and_cifar_end_to_end(tmp_path, capsys):
 def test_check_reports_missing_data_but_validates_the_rest(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SGDLAB_CIFAR10", raising=False)
     monkeypatch.delenv("SGDLAB_DATA", raising=False)
-    cfg = {**BASE, "data": {"name": "cifar10", "root": str(tmp_path / "absent")}, "model": {"name": "cnn2d"}}
+    cfg = {**BASE, "data": {"name": "cifar10", "root": str(tmp_path / "absent")},
+           "model": {"name": "cnn2d", "in_channels": 3, "size": 32}}
     code, out = _run(["check", _write(tmp_path, cfg)], capsys)
     assert code == 0 and "files missing" in out.out and "model: cnn2d" in out.out
+    assert "step: one training step on a batch of shape (8, 3, 32, 32)" in out.out
+    # a model that cannot take CIFAR's images fails the check, as its run would fail
+    cfg["model"] = {"name": "cnn2d"}
+    code, out = _run(["check", _write(tmp_path, cfg, "one_channel.yaml")], capsys)
+    assert code == 2 and "expected input[8, 3, 32, 32] to have 1 channels" in out.err
     code, out = _run(["check", _write(tmp_path, {**BASE, "model": {"name": "nope"}}, "bad.yaml")], capsys)
     assert code == 2 and "FAILED" in out.out
 

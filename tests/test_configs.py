@@ -17,6 +17,7 @@ def test_there_are_configs():
 def test_config_checks(path, monkeypatch):
     monkeypatch.delenv("SGDLAB_CIFAR10", raising=False)
     monkeypatch.delenv("SGDLAB_CIFAR100", raising=False)
-    ok, lines = check_config(path)
+    # the training step of check runs for the small models; the big CIFAR ones are validated on the meta device
+    ok, lines = check_config(path, step=path.parent.name == "mini")
     assert ok, "\n".join(lines)
     assert any(line.startswith("model:") for line in lines)

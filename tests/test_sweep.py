@@ -95,7 +95,7 @@ def test_sigkill_mid_sweep_then_rerun_skips_finished_and_resumes_interrupted(tmp
     ckpt0 = (first / "checkpoints/last.pt").stat().st_mtime_ns
 
     m = sw.run_sweep(cfg_path, None, 3, out, jobs=1, progress=False)
-    assert m["counts"] == {"ran": 1, "resumed": 1, "skipped": 1, "failed": 0}
+    assert m["counts"] == {"ran": 1, "resumed": 1, "skipped": 1, "failed": 0, "interrupted": 0}
     assert (first / "summary.json").read_bytes() == summary0
     assert (first / "summary.json").stat().st_mtime_ns == mtime0
     assert (first / "checkpoints/last.pt").stat().st_mtime_ns == ckpt0

@@ -1,7 +1,9 @@
 """``sgdlab`` command line: a thin layer over :mod:`sgdlab.train` and :mod:`sgdlab.experiments`.
 
-Errors the user can fix (bad config, missing data) print one line and exit with code 2, without
-a traceback; a run stopped by a non-finite loss exits with code 3.
+Errors the user can fix (bad config, missing data, a locked or unwritable folder, a corrupt
+checkpoint) print one line and exit with code 2, without a traceback; a run stopped by a non-finite
+loss exits with code 3; a run or sweep stopped by SIGTERM, SIGINT or SIGUSR1 saves its state and exits
+with 128 + the signal's number (143, 130, 138). See docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _cmd_run(args) -> int:
 def _cmd_resume(args) -> int:
     from . import train
 
-    summary = train.resume(args.run_dir, quiet=args.quiet, threads=args.threads)
+    summary = train.resume(args.run_dir, overrides=args.overrides or None, quiet=args.quiet, threads=args.threads)
     final = summary.get("final", {})
     if "test_acc" in final:
         print(f"final test accuracy: {final['test_acc']:.4f}")
@@ -56,6 +58,8 @@ def _cmd_check(args) -> int:
         print(f"{path}: {status}")
         for line in lines:
             print(f"  {line}")
+        if not ok:
+            print(f"sgdlab: error: {path}: {lines[-1]}", file=sys.stderr)
         failures += not ok
     return 2 if failures else 0
 
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("resume", help="continue an interrupted run to its configured end")
     s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="keys a resume may change, e.g. duration='300 epochs' eval.every=100")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: the run's own setting)")
     s.set_defaults(fn=_cmd_resume)
@@ -160,6 +165,12 @@ def _regroup(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
     slot and the overrides, and anything else is an error as usual.
     """
     command = getattr(args, "command", None)
+    if command == "resume":  # RUN_DIR [key=value ...]: the keys a resume may change
+        bad = [t for t in extra if not _is_override(t)]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
+        return
     takes_overrides = command in ("run", "check", "sweep")
     if not takes_overrides:
         if extra:
@@ -219,16 +230,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args, extra = parser.parse_known_args(argv)
     _regroup(parser, args, extra)
+    from .train.guard import RunInterrupted, exit_code, os_error_line
+
     try:
         return args.fn(args) or 0
+    except RunInterrupted as e:
+        print(f"sgdlab: {e}", file=sys.stderr)
+        return exit_code(e.signum)
     except NonFiniteLossError as e:
         print(f"sgdlab: {e}", file=sys.stderr)
         return 3
     except SgdlabError as e:
         print(f"sgdlab: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only folder, a full disk, --out naming a file, ...
+        if e.errno is None and e.filename is None:
+            raise
+        print(f"sgdlab: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("sgdlab: interrupted; resume with 'sgdlab resume RUN_DIR'", file=sys.stderr)
+        print("sgdlab: interrupted; resume with 'sgdlab resume RUN_DIR' (a sweep: run the same command again)",
+              file=sys.stderr)
         return 130
 
 

@@ -197,7 +197,8 @@ def _read_rows(run_dir: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                # metrics.jsonl writes non-finite numbers as null (strict JSON); read them back as NaN
+                rows.append({k: float("nan") if v is None else v for k, v in json.loads(line).items()})
             except json.JSONDecodeError:  # a torn last line of a killed run
                 pass
     return rows

@@ -93,7 +93,9 @@ def _world_size(run_dir: Path) -> int:
 
     ckpt = run_dir / CHECKPOINT
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        from sgdlab.train.guard import load_checkpoint
+
+        state = load_checkpoint(ckpt)  # one-line error for a corrupt or foreign file
         return int(state.get("world_size", 1))
     return 1
 

@@ -64,7 +64,7 @@ def measure_cost_ratio(proto: Protocol, repeats: int | None = None) -> dict:
     cfg = load_config(raw)
     ds = build_dataset(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg, ds.num_classes).train()
+    model = build_model(cfg, ds.num_classes, ds.input_shape).train()
     x, y = ds.train_x[: m.batch_size], ds.train_y[: m.batch_size]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

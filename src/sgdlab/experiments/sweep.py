@@ -6,6 +6,11 @@ sweep can be rerun at any time: trials whose ``summary.json`` says ``completed``
 are skipped, interrupted ones (a ``config.yaml`` without a final summary) continue from their last
 checkpoint via :func:`sgdlab.train.resume`, and missing ones start.
 
+The sweep folder is locked while a sweep runs in it. The first SIGTERM, SIGINT or SIGUSR1 stops the
+scheduling of queued trials and interrupts the running ones (each saves a checkpoint, as a run does);
+``sweep.json`` then says ``interrupted`` for them and ``new`` for the trials that never started, and
+:class:`~sgdlab.train.guard.RunInterrupted` is raised. Running the same sweep again continues it.
+
 Backends: ``process`` (default; ``jobs`` spawned worker processes, one torch thread each, or in
 this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backend`).
 """
@@ -19,7 +24,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -27,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
-from ..train.config import read_raw_config
+from ..train import guard
+from ..train.config import read_raw_config, read_yaml
 
 __all__ = [
     "Point",
@@ -124,10 +127,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
         key = key.strip()
         if not key:
             raise ConfigError(f"--grid {item!r}: empty key")
-        try:
-            values = yaml.safe_load("[" + rhs + "]")
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--grid {item!r}: values are not valid YAML ({e})") from None
+        values = read_yaml("[" + rhs + "]", f"--grid {item!r}")
         if not values:
             raise ConfigError(f"--grid {item!r}: no values")
         grid[key] = values
@@ -215,8 +215,8 @@ def trial_state(run_dir) -> str:
 def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dict:
     """Run, resume or skip one trial (this is what a worker process or Ray task executes).
 
-    Returns ``{"action": skipped|resumed|ran|failed, "status": ..., "message": ...}``; exceptions are
-    caught and reported, so one failing trial does not stop the sweep.
+    Returns ``{"action": skipped|resumed|ran|failed|interrupted, "status": ..., "message": ...}``;
+    exceptions are caught and reported, so one failing trial does not stop the sweep.
     """
     import torch
 
@@ -238,7 +238,9 @@ def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dic
         return {"action": "ran", "status": "completed"}
     except NonFiniteLossError as e:
         return {"action": "ran", "status": "nonfinite", "message": str(e)}
-    except Exception as e:  # noqa: BLE001 - reported in the manifest, the sweep goes on
+    except guard.RunInterrupted as e:
+        return {"action": "interrupted", "status": trial_state(d), "message": str(e)}
+    except Exception as e:
         return {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=5)}
     finally:
@@ -275,24 +277,11 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel send this worker SIGTERM when the sweep process dies (even by SIGKILL),
-    so no orphan keeps writing into trial folders that a rerun of the sweep resumes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the sweep died before the request took effect
-        os._exit(1)
+    # A stop signal (sent by the terminal to the whole group, forwarded by the sweep, or SIGTERM from the
+    # kernel when the sweep process dies, even by SIGKILL) makes the running trial save and stop, and every
+    # later trial handed to this worker stop at once: no orphan keeps writing into trial folders.
+    guard.make_sticky()
+    guard.die_with_parent()
 
 
 def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> None:
@@ -341,12 +330,32 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
     base, trials = plan(config, points, seeds)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with guard.FolderLock(out, "sweep"), guard.stop_signals():
+        return _run_locked(out, base, trials, jobs=jobs, backend=backend, address=address, progress=progress,
+                           extra_manifest=extra_manifest, on_result=on_result)
+
+
+def _forward_stop(ex: ProcessPoolExecutor, signum: int) -> None:
+    """Pass a stop signal on to the pool's workers (a SIGTERM sent to the sweep process alone)."""
+    import signal as signal_mod
+
+    for proc in list(getattr(ex, "_processes", {}).values()):
+        try:
+            os.kill(proc.pid, signum if signum != signal_mod.SIGINT else signal_mod.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
+def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, address, progress, extra_manifest,
+                on_result) -> dict:
     _check_existing(out, trials)
     extra = dict(extra_manifest or {})
     results: dict[str, dict] = {}
     _write_manifest(out, base, trials, results, extra)
-    counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0}
+    counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0, "interrupted": 0}
     todo = [t for t in trials if trial_state(out / t.name) not in ("completed", "nonfinite")]
     if seed_major:
         first = {}
@@ -385,23 +394,46 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
             # one thread per trial on every backend: CPU kernels split work by thread count, so this
             # keeps a trial's numbers independent of --jobs (and a sweep resumed with other --jobs exact)
             for t in todo:
+                if guard.stop_requested() is not None:
+                    break
                 done(t, execute_trial(t.config, str(out / t.name), 1))
         else:
             ex = _pool(jobs)
             pending = {ex.submit(execute_trial, t.config, str(out / t.name), 1): t for t in todo}
+            forwarded = False
             try:
                 while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    signum = guard.stop_requested()
+                    if signum is not None and not forwarded:
+                        forwarded = True
+                        for f in list(pending):
+                            if f.cancel():  # queued, not started: stays 'new'
+                                pending.pop(f)
+                        _forward_stop(ex, signum)
                     for f in finished:
                         t = pending.pop(f)
                         try:
                             r = f.result()
-                        except Exception as e:  # noqa: BLE001 - a crashed worker process
+                        except Exception as e:
                             r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
                         done(t, r)
             except BaseException:
                 _close_pool(cancel=True)
                 raise
+            if forwarded:
+                _close_pool(cancel=True)  # its workers keep the stop request; later sweeps get fresh ones
+    signum = guard.stop_requested()
+    if signum is not None:
+        extra["status"] = "interrupted"
+        _write_manifest(out, base, trials, results, extra)
+        manifest = json.loads((out / "sweep.json").read_text())
+        states = [t["status"] for t in manifest["trials"]]
+        name = guard.signal_name(signum)
+        raise guard.RunInterrupted(
+            f"sweep {out} stopped by {name}: {states.count('completed')} completed, {states.count('interrupted')} "
+            f"interrupted (checkpoint saved), {states.count('new')} not started; to continue, run the same "
+            "sweep command again (finished trials are skipped, interrupted ones resume)", signum, manifest)
     manifest = json.loads((out / "sweep.json").read_text())
     manifest["counts"] = counts
     return manifest

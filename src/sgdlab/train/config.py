@@ -13,6 +13,7 @@ import copy
 import difflib
 import inspect
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -24,7 +25,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 
 __all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict",
-           "import_plugins", "add_cli_imports"]
+           "import_plugins", "add_cli_imports", "read_yaml", "resume_drift", "RESUMABLE_KEYS"]
+
+# Limits of what a config may contain (a config is a few hundred bytes; these only stop hostile input).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 40
+MAX_NODES = 100_000
+MAX_INT = 2**63 - 1
+MAX_STEPS = 10**12
+
+
+def _bounded(value, where: str = "", depth: int = 0):
+    """Refuse numbers no run can use in the free-form sections: non-finite floats, integers beyond 64 bits."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ValueError(f"{where or 'value'}: integer out of range (more than 64 bits)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _bounded(v, f"{where}.{k}" if where else str(k), depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _bounded(v, f"{where}[{i}]", depth + 1)
+    return value
 
 
 def _reject_bool_numbers(cls, value, info):
@@ -37,14 +62,29 @@ def _reject_bool_numbers(cls, value, info):
     return value
 
 
+def _int_range(cls, value, info):
+    """Integers past 64 bits cannot reach torch; say so instead of overflowing later."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ValueError("integer out of range (more than 64 bits)")
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     _no_bools = field_validator("*", mode="before")(classmethod(_reject_bool_numbers))
+    _ints = field_validator("*", mode="after")(classmethod(_int_range))
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     _no_bools = field_validator("*", mode="before")(classmethod(_reject_bool_numbers))
+    _ints = field_validator("*", mode="after")(classmethod(_int_range))
+
+    @model_validator(mode="after")
+    def _extras_bounded(self):
+        for k, v in (self.model_extra or {}).items():
+            _bounded(v, k)
+        return self
 
     def extras(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -83,6 +123,9 @@ def parse_duration(text) -> Duration:
         value, unit = value * 60.0, "seconds"
     if value <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
+    limit = {"steps": MAX_STEPS, "epochs": 1e9, "seconds": 1e9}[unit]
+    if not math.isfinite(value) or value > limit:
+        raise ValueError(f"duration {str(text)!r} is too long (at most {limit:.0e} {unit})")
     if unit == "steps" and not value.is_integer():
         raise ValueError(f"a duration in steps must be a whole number, got {text!r}")
     return Duration(value=value, unit=unit)
@@ -102,7 +145,7 @@ class ModelConfig(_Open):
 
 class SamplerConfig(_Open):
     name: str = "epoch"
-    batch_size: int = Field(100, gt=0)
+    batch_size: int = Field(100, gt=0, le=2**31 - 1)
 
 
 class OptimConfig(_Strict):
@@ -157,7 +200,7 @@ class LossConfig(_Open):
 
 class EvalConfig(_Strict):
     every: int = Field(500, ge=0)
-    batch_size: int = Field(1000, gt=0)
+    batch_size: int = Field(1000, gt=0, le=2**31 - 1)
     train: bool = False
 
 
@@ -185,7 +228,7 @@ class Config(_Strict):
     config all train cnn1d on MNIST-1D for 2000 steps with SGD (lr 0.05, momentum 0.9).
     """
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 2**20)
     device: str = "auto"
     threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
@@ -284,8 +327,9 @@ def _format_validation(err: ValidationError, raw: dict | None = None) -> str:
             msg = e["msg"]
             for prefix in _PYDANTIC_PREFIXES:
                 msg = msg.removeprefix(prefix)
-            shown = isinstance(got, (dict, list)) or repr(got) in msg or str(got) in msg
-            got_s = "" if shown else f" (got {got!r})"
+            got_r = repr(got)
+            shown = isinstance(got, (dict, list)) or got_r in msg or str(got) in msg
+            got_s = "" if shown else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
             lines.append(f"invalid value for '{key}': {msg}{got_s}" if key else f"invalid config: {msg}")
     return "; ".join(lines)
 
@@ -426,8 +470,99 @@ def _fill_builder_defaults(cfg: Config) -> None:
             _fill_into(opts, _options_of(reg_base._TRANSFORMS[key], ("seed",), through_return=True))
 
 
-def _coerce_scalar(text: str):
-    return yaml.safe_load(text) if text != "" else ""
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with limits: nesting depth, expanded size (alias bombs), unique mapping keys."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.MarkedYAMLError(problem=f"nesting deeper than {MAX_DEPTH} levels", problem_mark=mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise yaml.MarkedYAMLError(problem="integer too large (more than 64 bits)",
+                                       problem_mark=node.start_mark) from None
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            try:
+                key = self.construct_object(key_node, deep=True)
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                                           problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of ``node`` with every alias written out (shared subtrees counted each time they are used)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_NODES + 1  # a cycle counts as too large
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_NODES + 1)
+    return memo[key]
+
+
+def read_yaml(text: str, where: str = "<string>"):
+    """Parse YAML ``text`` safely and within bounds; :class:`ConfigError` ``where:line:col: message`` if not.
+
+    No Python objects are built (safe loader); nesting is limited to ``MAX_DEPTH`` levels, the document
+    written out with its aliases to ``MAX_NODES`` nodes (a "billion laughs" document is refused after a
+    few thousand operations), and a key may appear once per mapping.
+    """
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # the reader refuses control characters already here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: the document "
+                              f"expands to more than {MAX_NODES} values (aliases used as a multiplier?)")
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        msg = " ".join(str(x) for x in (e.context, e.problem) if x) or "invalid YAML"
+        msg = " ".join(msg.split())
+        if mark is None:
+            raise ConfigError(f"{where}: {msg}") from None
+        raise ConfigError(f"{where}:{mark.line + 1}:{mark.column + 1}: {msg}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    except (ValueError, RecursionError, OverflowError) as e:  # e.g. an integer of 5000 digits
+        raise ConfigError(f"{where}: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _coerce_scalar(text: str, item: str = ""):
+    return read_yaml(text, f"override {item!r}") if text != "" else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -438,12 +573,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key")
         node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            if not isinstance(node.setdefault(p, {}), dict):
                 raise ConfigError(f"override {item!r}: '{p}' is not a section")
-        set_merged(node, parts[-1], _coerce_scalar(value))
+            node = node[p]
+        set_merged(node, parts[-1], _coerce_scalar(value, item))
     return out
 
 
@@ -479,9 +616,19 @@ def read_raw_config(source) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file (or UTF-16 text), not a UTF-8 YAML config")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return raw
@@ -517,6 +664,50 @@ def add_cli_imports(modules: list[str]) -> None:
     _CLI_IMPORTS.extend(m for m in modules if m not in _CLI_IMPORTS)
 
 
+# Keys a resume may change (eval.*, log.*, checkpoint.every, the run's name and notes; duration only longer).
+RESUMABLE_KEYS = ("duration", "eval.every", "eval.batch_size", "checkpoint.every", "log.", "name", "notes")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_drift(saved: dict, now: dict) -> str | None:
+    """Why the config ``now`` may not resume a checkpoint written under ``saved`` (None if it may).
+
+    Both are :func:`config_to_dict` forms. Keys in :data:`RESUMABLE_KEYS` may differ, except that the
+    duration may only grow within its unit; every other changed key is listed.
+    """
+    a, b = _flatten(saved), _flatten(now)
+    changed = []
+    for key in sorted(set(a) | set(b), key=lambda k: (k not in a, list(a).index(k) if k in a else 0, k)):
+        va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if json.dumps(va, sort_keys=True, default=str) == json.dumps(vb, sort_keys=True, default=str):
+            continue
+        if key == "duration":
+            da, db = parse_duration(va), parse_duration(vb)
+            if da.unit == db.unit and db.value >= da.value:
+                continue
+            changed.append(f"duration ({va} -> {vb}: a resume may only extend it, in the same unit)")
+            continue
+        if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_KEYS):
+            continue
+        changed.append(f"{key} ({va!r} -> {vb!r})")
+    if not changed:
+        return None
+    return ("config.yaml or the overrides differ from the config the checkpoint was written with: "
+            + "; ".join(changed) + ". A resume may change only duration (longer), eval.every, "
+            "checkpoint.every and log.*, e.g. 'sgdlab resume RUN duration=\"300 epochs\"'; start a new run "
+            "for anything else")
+
+
 def load_config(source=None, overrides: list[str] | None = None) -> Config:
     """Validate a config from a YAML path, a dict, or a :class:`Config` (plus dotted overrides).
 
@@ -534,6 +725,8 @@ def load_config(source=None, overrides: list[str] | None = None) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, raw)) from None
+    except (RecursionError, OverflowError, ValueError) as e:  # a pathological dict passed in directly
+        raise ConfigError(f"config: {' '.join(str(e).split())[:200]}") from None
     _check_semantics(cfg)
     _fill_builder_defaults(cfg)
     return cfg

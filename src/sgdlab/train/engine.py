@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,10 @@ import yaml
 from .. import data as data_lib
 from .. import models, regularize, sampling
 from ..data import cifar_augment
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
-from .config import Config, config_to_dict, load_config
+from . import guard
+from .config import Config, config_to_dict, load_config, resume_drift
 
 __all__ = ["run", "resume", "load_run", "build_dataset", "build_model", "per_example_loss", "evaluate"]
 
@@ -65,6 +67,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"device: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device: 'mps' was asked for but MPS (Apple GPU) is not available here; use 'cpu' or "
+                          "'auto'")
     return dev
 
 
@@ -73,8 +78,45 @@ def build_dataset(cfg: Config) -> data_lib.Dataset:
     kwargs = cfg.data.extras()
     if cfg.data.name in ("cifar10", "cifar100"):
         kwargs["root"] = cfg.data.root
-    ds = data_lib.create(cfg.data.name, **kwargs)
+    try:
+        ds = data_lib.create(cfg.data.name, **kwargs)
+    except SgdlabError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError, IndexError) as e:
+        raise ConfigError(f"data ({cfg.data.name}, options {cfg.data.extras()}): {_first_line(e)}") from None
     return ds.normalized() if cfg.data.normalize else ds
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def step_error(cfg: Config, x: torch.Tensor, y: torch.Tensor, e: BaseException) -> ConfigError:
+    """The one-line error of a first training step that fails (the model and the data disagree)."""
+    return ConfigError(f"model {cfg.model.name} cannot train on {cfg.data.name} batches of shape {tuple(x.shape)} "
+                       f"with labels up to {int(y.max()) if y.numel() else 0}: {_first_line(e)}")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters (ConfigError naming ``optim``)."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def build_model(cfg: Config, num_classes: int, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
@@ -82,14 +124,26 @@ def build_model(cfg: Config, num_classes: int, input_shape: tuple[int, ...] | No
 
     ``input_shape`` (the dataset's per-example shape) fills the builder's input parameters the config leaves
     unset (``in_features``, ``in_channels``, ...; see :func:`sgdlab.models.shape_kwargs`).
+    The model is first built on the meta device, so options that would need more memory than the machine
+    has (``channels: 100000000``) are refused before anything is allocated.
     """
+    where = f"model ({cfg.model.name}, options {cfg.model.extras()})"
     try:
+        with torch.device("meta"):
+            probe = models.create(cfg.model.name, num_classes=num_classes, input_shape=input_shape,
+                                  **cfg.model.extras())
+        need = sum(p.numel() * p.element_size() for p in probe.parameters())
+        have = _physical_memory()
+        if have is not None and need > have:
+            raise ConfigError(f"{where}: its parameters alone need {need / 2**30:.1f} GiB, more than this "
+                              f"machine's {have / 2**30:.1f} GiB")
+        del probe
         return models.create(cfg.model.name, num_classes=num_classes, input_shape=input_shape,
-                             **cfg.model.extras())
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"model ({cfg.model.name}, options {cfg.model.extras()}): {e}") from None
+                                  **cfg.model.extras())
+    except SgdlabError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError, IndexError, ZeroDivisionError) as e:
+        raise ConfigError(f"{where}: {_first_line(e)}") from None
 
 
 class SmoothedCrossEntropy:
@@ -170,11 +224,16 @@ def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk leaves the previous checkpoint as it was, and no partial file
+        raise
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -184,19 +243,25 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _load_weights(model: torch.nn.Module, source: str) -> tuple[int, int]:
     """Initialise ``model`` from a checkpoint file or run directory (fine-tuning); returns (loaded, skipped)."""
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and (path / CHECKPOINT).exists():
         path = path / CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"checkpoint.init_from: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        state = guard.load_checkpoint(path, require_run=False)
+    except guard.CheckpointError as e:
+        raise ConfigError(f"checkpoint.init_from: {e}") from None
+    state = state.get("model", state)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
@@ -231,6 +296,10 @@ def _setup_distributed(device_name: str) -> _Dist:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        # a worker of torchrun: die with the launcher (even when it is SIGKILLed), never linger as an orphan
+        # that keeps writing checkpoints; a SIGTERM that torchrun forwards still stops the run gracefully
+        guard.die_with_parent(signal.SIGKILL)
     owned = False
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -246,6 +315,28 @@ def _setup_distributed(device_name: str) -> _Dist:
 # ------------------------------------------------------------------------------------------------
 
 
+def _json_line(row: dict) -> str:
+    """One strict-JSON line (non-finite numbers are written as null)."""
+    return json.dumps(guard.finite_json(row), allow_nan=False) + "\n"
+
+
+def _read_rows(lines, path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if line.endswith("\n"):
+                raise ConfigError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+            break  # a last line cut by a kill: the rows after the checkpoint are rewritten anyway
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ConfigError(f"{path}:{i}: not a metrics row")
+        rows.append(row)
+    return rows
+
+
 class _Metrics:
     """Appends rows to metrics.jsonl (flushed each row), mirrors them to CSV and TensorBoard."""
 
@@ -259,10 +350,10 @@ class _Metrics:
             return
         if self.jsonl.exists():
             with open(self.jsonl) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+                self.rows = _read_rows(f, self.jsonl)
             if keep_until_step is not None:
                 self.rows = [r for r in self.rows if r["step"] <= keep_until_step]
-            _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+            _atomic_write_text(self.jsonl, "".join(_json_line(r) for r in self.rows))
         self.fh = open(self.jsonl, "a")
         if tensorboard:
             try:
@@ -275,8 +366,9 @@ class _Metrics:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
+        row = guard.finite_json(row)
         self.rows.append(row)
-        self.fh.write(json.dumps(row) + "\n")
+        self.fh.write(_json_line(row))
         self.fh.flush()
         if self.writer is not None:
             for k, v in row.items():
@@ -340,35 +432,104 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
     """Train as ``config`` says (a YAML path, dict or :class:`Config`) into ``out_dir``; return the summary.
 
     With ``resume=True`` an existing run directory continues from ``checkpoints/last.pt`` to its
-    configured end (the directory's own ``config.yaml`` is used). ``threads`` (torch CPU threads)
+    configured end (the directory's own ``config.yaml`` is used; ``overrides`` may change only the keys
+    a resume may change, see :func:`~sgdlab.train.config.resume_drift`). ``threads`` (torch CPU threads)
     overrides the config's ``threads`` key for this call; the previous thread count is restored at the end.
+
+    The folder is locked for the whole run (:class:`~sgdlab.train.guard.FolderLock`). SIGTERM, SIGINT and
+    SIGUSR1 stop the run after the current step with a checkpoint and a summary of status ``interrupted``
+    and raise :class:`~sgdlab.train.guard.RunInterrupted`. A run whose set-up fails leaves nothing behind
+    that would block the next ``run`` into the same folder.
     """
     if resume:
         run_dir = Path(out_dir)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
     else:
         cfg = load_config(config, overrides)
         run_dir = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    dist = _setup_distributed(cfg.device)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: is a file, not a directory")
+    dist = _setup_distributed(load_config(run_dir / "config.yaml").device if resume else cfg.device)
+    created = not run_dir.exists()
+    lock = None
     previous_threads = torch.get_num_threads()
     try:
-        return _Run(cfg, run_dir, dist, resume=resume, quiet=quiet, threads=threads).train()
+        with guard.stop_signals():
+            if dist.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = guard.FolderLock(run_dir, "run").acquire()
+            ckpt = None
+            if resume:
+                cfg, ckpt = _resume_config(run_dir, overrides)
+            try:
+                return _Run(cfg, run_dir, dist, resume=resume, quiet=quiet, threads=threads, ckpt=ckpt).train()
+            except (NonFiniteLossError, guard.RunInterrupted) as e:
+                if not resume and isinstance(e, guard.RunInterrupted) and e.summary is None:
+                    _clean_failed_setup(run_dir, created)
+                raise
+            except BaseException:
+                if not resume and dist.main:
+                    _clean_failed_setup(run_dir, created)
+                raise
     finally:
         torch.set_num_threads(previous_threads)
+        if lock is not None:
+            lock.release()
+            if created and not run_dir.joinpath("config.yaml").exists():
+                with contextlib.suppress(OSError):
+                    (run_dir / guard.LOCK_NAME).unlink()
+                    run_dir.rmdir()
         if dist.owned:
             torch.distributed.destroy_process_group()
 
 
-def resume(run_dir, *, quiet: bool = False, threads: int | None = None) -> dict:
-    """Continue the interrupted run in ``run_dir`` to its configured end; return the summary."""
+def _clean_failed_setup(run_dir: Path, created: bool) -> None:
+    """Remove what a run that failed before its first metrics row or checkpoint wrote, so it blocks nothing."""
+    jsonl = run_dir / "metrics.jsonl"
+    if (run_dir / CHECKPOINT).exists() or (run_dir / "summary.json").exists() or \
+            (jsonl.is_file() and jsonl.stat().st_size > 0):
+        return
+    for name in ("metrics.jsonl", "metrics.csv", "config.yaml"):
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        (run_dir / "checkpoints").rmdir()
+
+
+def _resume_config(run_dir: Path, overrides: list[str] | None) -> tuple[Config, dict | None]:
+    """The config a resume continues with, and the checkpoint (None if the run died before writing one).
+
+    ``config.yaml`` (plus ``overrides``) must match the config recorded in the checkpoint except for the
+    keys a resume may change; otherwise ConfigError lists each changed key.
+    """
+    ckpt_path = run_dir / CHECKPOINT
+    ckpt = guard.load_checkpoint(ckpt_path) if ckpt_path.exists() or ckpt_path.is_symlink() else None
+    on_disk = load_config(run_dir / "config.yaml")
+    cfg = load_config(on_disk, overrides) if overrides else on_disk
+    if ckpt is not None and isinstance(ckpt.get("config"), dict):
+        problems = resume_drift(ckpt["config"], config_to_dict(cfg))
+        if problems:
+            raise ConfigError(f"{run_dir}: {problems}")
+    return cfg, ckpt
+
+
+def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
+           threads: int | None = None) -> dict:
+    """Continue the interrupted run in ``run_dir`` to its configured end; return the summary.
+
+    ``overrides`` (``["duration=300 epochs"]``) may extend the duration or change ``eval.every``,
+    ``checkpoint.every`` and ``log.*``; a completed run extended this way continues.
+    """
     summary = Path(run_dir) / "summary.json"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
-        if done.get("status") == "completed":
+    if summary.is_file() and not overrides:
+        try:
+            done = json.loads(summary.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            done = {}
+        if isinstance(done, dict) and done.get("status") == "completed":
             return done
-    return run(None, run_dir, resume=True, quiet=quiet, threads=threads)
+    return run(None, run_dir, overrides=overrides, resume=True, quiet=quiet, threads=threads)
 
 
 def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
@@ -377,21 +538,28 @@ def load_run(run_dir, *, checkpoint: str = CHECKPOINT, device="cpu"):
     cfg = load_config(run_dir / "config.yaml")
     ds = build_dataset(cfg)
     model = build_model(cfg, ds.num_classes, ds.input_shape)
-    state = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    state = guard.load_checkpoint(run_dir / checkpoint)
+    _load_model_state(model, state["model"], run_dir / checkpoint)
     return cfg, model.to(device).eval(), ds
+
+
+def _load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise guard.CheckpointError(f"{path}: not a checkpoint of this model ({_first_line(e)})") from None
 
 
 class _Run:
     def __init__(self, cfg: Config, run_dir: Path, dist: _Dist, *, resume: bool, quiet: bool,
-                 threads: int | None = None):
+                 threads: int | None = None, ckpt: dict | None = None):
         self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist, quiet
         self.device = resolve_device(cfg.device, dist.local_rank)
         ckpt_path = run_dir / CHECKPOINT
-        self.ckpt = None
-        if resume and ckpt_path.is_file():
-            self.ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        elif not resume and any(p.exists() for p in (run_dir / "summary.json", ckpt_path, run_dir / "metrics.jsonl")):
+        self.ckpt = ckpt
+        jsonl = run_dir / "metrics.jsonl"
+        if not resume and (ckpt_path.exists() or (run_dir / "summary.json").exists()
+                           or (jsonl.exists() and (not jsonl.is_file() or jsonl.stat().st_size > 0))):
             raise ConfigError(f"{run_dir} already holds a run; use 'sgdlab resume {run_dir}' or another --out")
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -433,10 +601,7 @@ class _Run:
         if cfg.fast.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        try:
-            self.opt = self._optimizer(model)
-        except ValueError as e:
-            raise ConfigError(f"optim: {e}") from None
+        self.opt = build_optimizer(cfg, model)
         self.train_model = model
         if dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -481,6 +646,7 @@ class _Run:
             raise ConfigError(f"schedule: {e}") from None
 
         self.step, self.elapsed = 0, 0.0
+        self.acc_loss, self.acc_n = torch.zeros((), device=self.device), 0
         self.best = {"test_acc": None, "test_loss": None, "step": None}
         if self.ckpt is not None:
             self._restore(self.ckpt)
@@ -492,15 +658,6 @@ class _Run:
     def _say(self, msg: str) -> None:
         if self.dist.main and not self.quiet:
             print(msg, flush=True)
-
-    def _optimizer(self, model):
-        o = self.cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay)
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def _total_in(self, unit: str) -> float | None:
         d = self.cfg.duration
@@ -538,25 +695,36 @@ class _Run:
             "transforms": [t.state_dict() for t in self.transforms],
             "rng": rng if rng is not None else _rng_state(self.aug_gen),
             "world_size": self.dist.world_size, "threads": torch.get_num_threads(),
+            "acc_loss": self.acc_loss.detach().cpu(), "acc_n": self.acc_n,
+            "config": config_to_dict(self.cfg), "format": "sgdlab-run-checkpoint",
         }
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
         return state
 
     def _restore(self, st: dict) -> None:
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.scaler.load_state_dict(st["scaler"])
-        self.source.load_state_dict(st["source"])
-        for t, s in zip(self.transforms, st["transforms"]):
-            t.load_state_dict(s)
-        saved_world = int(st.get("world_size", 1))
+        saved_world = st.get("world_size", 1)
         if saved_world != self.dist.world_size:
             raise ConfigError(f"{self.run_dir} was trained with {saved_world} process(es); resume it with the "
                               f"same number, not {self.dist.world_size}")
-        ranks = st.get("rng_ranks")
-        _set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
-        self.step, self.elapsed, self.best = st["step"], st["elapsed"], dict(st["best"])
+        path = self.run_dir / CHECKPOINT
+        _load_model_state(self.model, st["model"], path)
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+            self.scaler.load_state_dict(st["scaler"])
+            self.source.load_state_dict(st["source"])
+            if len(st["transforms"]) != len(self.transforms):
+                raise ValueError("a different number of loss transforms")
+            for t, s in zip(self.transforms, st["transforms"]):
+                t.load_state_dict(s)
+            ranks = st.get("rng_ranks")
+            _set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
+            self.step, self.elapsed, self.best = int(st["step"]), float(st["elapsed"]), dict(st["best"])
+            self.acc_loss = st.get("acc_loss", torch.zeros(())).to(self.device)
+            self.acc_n = int(st.get("acc_n", 0))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise guard.CheckpointError(f"{path}: does not fit this run's optimizer, sampler or loss "
+                                        f"transforms ({type(e).__name__}: {_first_line(e)})") from None
         self._say(f"resumed at step {self.step}")
         threads = st.get("threads")
         if threads is not None and threads != torch.get_num_threads():
@@ -618,6 +786,23 @@ class _Run:
             _atomic_torch_save(self._state(rng, rng_ranks), self.run_dir / CHECKPOINT)
             self.metrics.write_csv()
 
+    def _interrupt(self, last_eval: dict | None, saved: bool = True) -> None:
+        """Save the state after the step just taken, write an ``interrupted`` summary, raise RunInterrupted."""
+        signum = guard.stop_requested() or signal.SIGTERM
+        name = guard.signal_name(signum)
+        if self.step > 0 and saved:
+            self._save()
+        self.metrics.write_csv()
+        self.metrics.close()
+        if self.step == 0 or (not saved and not (self.run_dir / CHECKPOINT).exists()):
+            raise guard.RunInterrupted(f"{name} during the set-up of {self.run_dir}, before the first step; "
+                                       "nothing to resume, start it again", signum)
+        msg = (f"{name} at step {self.step}: checkpoint and summary written; continue with "
+               f"'sgdlab resume {self.run_dir}'")
+        summary = self._summary("interrupted", last_eval, msg)
+        self._say(msg)
+        raise guard.RunInterrupted(msg, signum, summary)
+
     def _summary(self, status: str, last_eval: dict | None, message: str | None = None) -> dict:
         s = {
             "status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
@@ -628,8 +813,9 @@ class _Run:
         }
         if message:
             s["message"] = message
+        s = guard.finite_json(s)
         if self.dist.main:
-            _atomic_write_text(self.run_dir / "summary.json", json.dumps(s, indent=2))
+            _atomic_write_text(self.run_dir / "summary.json", json.dumps(s, indent=2, allow_nan=False))
         return s
 
     # -- the loop -------------------------------------------------------------------------------
@@ -650,9 +836,11 @@ class _Run:
         move_batch = data_device != self.device
         sync_clock = self.device.type == "cuda"
         autocast = self._autocast
-        acc_loss = torch.zeros((), device=self.device)
-        acc_n = 0
+        acc_loss = self.acc_loss
         last_eval: dict | None = None
+        first_step = self.step
+        if guard.stop_requested() is not None:  # a signal arrived during the set-up
+            self._interrupt(last_eval, saved=False)
         self.model.train()
         progress_total = self.total_steps if not by_time else c.duration.value
         show = c.log.progress and dist.main and not self.quiet
@@ -679,29 +867,35 @@ class _Run:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    logits = model(x)
-                losses = per_example_loss(loss_name, logits.float(), y, smoothing)
-                raw_losses = losses
-                if batch.weights is not None:
-                    losses = losses * batch.weights.to(losses.device, losses.dtype)
-                epoch = self.step / self.steps_per_epoch
-                for t in transforms:
-                    losses = t(losses, step=self.step, epoch=epoch)
-                loss = losses.mean()
-                opt.zero_grad(set_to_none=True)
-                if use_scaler:
-                    self.scaler.scale(loss).backward()
-                    if clip is not None:
-                        self.scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    if clip is not None:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                    opt.step()
+                try:
+                    with autocast():
+                        logits = model(x)
+                    losses = per_example_loss(loss_name, logits.float(), y, smoothing)
+                    raw_losses = losses
+                    if batch.weights is not None:
+                        losses = losses * batch.weights.to(losses.device, losses.dtype)
+                    epoch = self.step / self.steps_per_epoch
+                    for t in transforms:
+                        losses = t(losses, step=self.step, epoch=epoch)
+                    loss = losses.mean()
+                    opt.zero_grad(set_to_none=True)
+                    if use_scaler:
+                        self.scaler.scale(loss).backward()
+                        if clip is not None:
+                            self.scaler.unscale_(opt)
+                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                        self.scaler.step(opt)
+                        self.scaler.update()
+                    else:
+                        loss.backward()
+                        if clip is not None:
+                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                        opt.step()
+                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                    if self.step != first_step or isinstance(e, SgdlabError):
+                        raise
+                    # the first step of a set-up that cannot train (model and data disagree): one line
+                    raise step_error(c, x, y, e) from None
                 diverged = False
                 if self.wants_scores or self.wants_losses:
                     # Feedback from a diverged step would poison the sampler's state (and make it raise);
@@ -719,7 +913,7 @@ class _Run:
                             scores = upper_bound_scores(logits.detach().float(), y, loss=self.score_loss)
                         source.observe(batch.indices, losses=raw_losses.detach(), scores=scores)
                 acc_loss += loss.detach()
-                acc_n += 1
+                self.acc_n += 1
                 self.step += 1
                 now = time.perf_counter()
                 self.elapsed += now - clock
@@ -733,8 +927,18 @@ class _Run:
                     torch.distributed.broadcast(flag, 0)
                     if flag.item() > 0:
                         self.elapsed = max(self.elapsed, c.duration.value)
+                stopping = guard.stop_requested() is not None
+                if dist.enabled:  # the ranks agree on the step they stop at (checked at log steps)
+                    stopping = False
+                    if at_log:
+                        flag = torch.tensor([1.0 if guard.stop_requested() is not None else 0.0],
+                                            device=self.device)
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                        stopping = flag.item() > 0
                 end = self._done()
                 if not (at_log or at_eval or at_ckpt or end or diverged):
+                    if stopping:
+                        self._interrupt(last_eval)
                     continue
                 # ---- bookkeeping (not counted in the training clock) ----
                 if sync_clock:  # queued GPU work belongs to the steps just taken
@@ -742,13 +946,13 @@ class _Run:
                     now = time.perf_counter()
                     self.elapsed += now - clock
                     clock = now
-                mean_loss = acc_loss / max(acc_n, 1)
+                mean_loss = acc_loss / max(self.acc_n, 1)
                 if dist.enabled:
                     torch.distributed.all_reduce(mean_loss)
                     mean_loss = mean_loss / dist.world_size
                 train_loss = float(mean_loss)
                 acc_loss.zero_()
-                acc_n = 0
+                self.acc_n = 0
                 if diverged or not math.isfinite(train_loss):
                     self._stop_nonfinite(train_loss if not math.isfinite(train_loss) else float("nan"), last_eval)
                 row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
@@ -764,6 +968,8 @@ class _Run:
                                info=info)
                 if at_ckpt or end:
                     self._save()
+                if stopping and not end:
+                    self._interrupt(last_eval)
                 clock = time.perf_counter()
         if last_eval is None and dist.main and self.step > 0:
             # resumed at the end (killed after the last checkpoint, before the summary): evaluate the
