@@ -111,8 +111,12 @@ def test_check_reports_missing_data_but_validates_the_rest(tmp_path, capsys, mon
     code, out = _run(["check", _write(tmp_path, cfg)], capsys)
     assert code == 0 and "files missing" in out.out and "model: cnn2d" in out.out
     assert "step: one training step on a batch of shape (8, 3, 32, 32)" in out.out
-    # a model that cannot take CIFAR's images fails the check, as its run would fail
+    # without options the model takes its input shape from the data ...
     cfg["model"] = {"name": "cnn2d"}
+    code, out = _run(["check", _write(tmp_path, cfg, "from_data.yaml")], capsys)
+    assert code == 0 and "step: one training step" in out.out
+    # ... and a model pinned to one channel cannot take CIFAR's images: the check fails, as its run would
+    cfg["model"] = {"name": "cnn2d", "in_channels": 1, "size": 32}
     code, out = _run(["check", _write(tmp_path, cfg, "one_channel.yaml")], capsys)
     assert code == 2 and "expected input[8, 3, 32, 32] to have 1 channels" in out.err
     code, out = _run(["check", _write(tmp_path, {**BASE, "model": {"name": "nope"}}, "bad.yaml")], capsys)

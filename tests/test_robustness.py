@@ -223,7 +223,8 @@ def _interrupted_run(tmp_path, **kw):
     (lambda c: c["optim"].update(lr=0.5), "optim.lr"),
     (lambda c: c["optim"].update(weight_decay=0.01), "optim.weight_decay"),
     (lambda c: c["model"].update(hidden=[64]), "model.hidden"),
-    (lambda c: c["sampler"].update(name="srs"), "sampler.name"),
+    # the resolved config lists epoch's own options (drop_last), so a sampler change rewrites the section
+    (lambda c: c.update(sampler={"name": "srs", "batch_size": c["sampler"]["batch_size"]}), "sampler.name"),
     (lambda c: c.update(duration="20 steps"), "duration"),
     (lambda c: c.update(duration="3 epochs"), "duration"),
 ])

@@ -335,7 +335,7 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
     out.mkdir(parents=True, exist_ok=True)
     with guard.FolderLock(out, "sweep"), guard.stop_signals():
         return _run_locked(out, base, trials, jobs=jobs, backend=backend, address=address, progress=progress,
-                           extra_manifest=extra_manifest, on_result=on_result)
+                           extra_manifest=extra_manifest, on_result=on_result, seed_major=seed_major)
 
 
 def _forward_stop(ex: ProcessPoolExecutor, signum: int) -> None:
@@ -350,7 +350,7 @@ def _forward_stop(ex: ProcessPoolExecutor, signum: int) -> None:
 
 
 def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, address, progress, extra_manifest,
-                on_result) -> dict:
+                on_result, seed_major: bool = False) -> dict:
     _check_existing(out, trials)
     extra = dict(extra_manifest or {})
     results: dict[str, dict] = {}
