@@ -167,14 +167,9 @@ def epoch_label(trials: list[dict]) -> str:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    from ..train.config import _flatten as flatten  # one definition of the dotted-key view of a config
+
+    return flatten(d, prefix)
 
 
 def held_fixed(trials: list[dict]) -> list[tuple[str, Any]]:
