@@ -134,6 +134,10 @@ def studies_path(name, text):
     (("\n     baseline: tiny lr,", "\n     baseline: nope,"), "unknown arm"),
     (("sesoi: 0.1, primary", "sesoi: 0.1, worst: 1, primary"), "claims.2.worst"),
     (("worst: {loss_half: 2.31}", "worst: {}"), "worst.loss_half"),
+    (("seeds: {final: [0, 1, 2], pilot: [10, 11]}", "seeds: {final: [0, 1, 2], pilot: [10, 11]}\nseed_keys: [seed]"),
+     "not a dotted config key"),
+    (("seeds: {final: [0, 1, 2], pilot: [10, 11]}",
+      "seeds: {final: [0, 1, 2], pilot: [10, 11]}\nseed_keys: [optim.lr]"), "also set by arm 'tiny lr'"),
 ])
 def test_protocol_errors_name_the_field(patch, match):
     text = TINY.replace(*patch)
@@ -194,7 +198,9 @@ def test_every_shipped_protocol_validates_and_plans():
             base = studies._substitute(proto.base, {"tau_th": 1.5, "cost_ratio": 2.0})
             pts = [sw.Point(studies._substitute(o, {"tau_th": 1.5, "cost_ratio": 2.0}), lab)
                    for lab, o in proto.arm_list(quick)]
-            sw.plan(base, pts, [0])
+            _, trials = sw.plan(base, pts, [0, 3], seed_keys=proto.seed_keys)
+            if "data.seed" in proto.seed_keys:  # a fresh draw per seed, one draw per seed across the arms
+                assert {(t.seed, t.config["data"]["seed"]) for t in trials} == {(0, 0), (3, 3)}, name
 
 
 def test_mnist1d_num_train_keeps_one_pool_and_test_set():
@@ -219,6 +225,20 @@ def test_sweeps_run_seed_major(tmp_path):
     run_sweep(cfg, [Point({}, "a"), Point({"optim.lr": 0.05}, "b")], [0, 1], tmp_path / "s", progress=False,
               seed_major=True, on_result=lambda t, r: order.append((t.seed, t.label)))
     assert order == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_seed_keys_follow_the_trial_seed_and_pair_the_arms(tmp_path):
+    from sgdlab.experiments.sweep import Point, plan
+
+    cfg = {"device": "cpu", "duration": "2 steps", "data": {"name": "synthetic", "num_samples": 20, "num_test": 10},
+           "model": {"name": "mlp", "in_features": 20, "hidden": [4]}, "sampler": {"batch_size": 10}}
+    _, trials = plan(cfg, [Point({}, "a"), Point({"optim.lr": 0.05}, "b")], [4, 7], seed_keys=["data.seed"])
+    assert sorted((t.label, t.seed, t.config["data"]["seed"]) for t in trials) == [
+        ("a", 4, 4), ("a", 7, 7), ("b", 4, 4), ("b", 7, 7)]
+    _, fixed = plan(cfg, [Point({}, "a")], [4, 7])
+    assert {t.config["data"]["seed"] for t in fixed} == {0}  # without seed_keys one draw serves every seed
+    with pytest.raises(ConfigError, match="also a grid key"):
+        plan(cfg, [Point({"data.seed": 1}, "a")], [4], seed_keys=["data.seed"])
 
 
 def test_analyses_enter_the_table(tmp_path):

@@ -2,7 +2,8 @@
 
 A protocol fixes, before anything runs: the claim in the paper's words with its citation, the regime
 it is tested in, the base config, the arms (dotted-key overrides of the base), the seeds (final and
-pilot, disjoint), the claims (metric, arms contrasted, direction, smallest effect of interest),
+pilot, disjoint; ``seed_keys`` lists config keys that follow the trial seed, e.g. ``data.seed`` for a
+fresh dataset draw per seed), the claims (metric, arms contrasted, direction, smallest effect of interest),
 the worst value standing in for a diverged trial, and the quick-mode settings. Its SHA-256 is
 written into every result, so a verdict names the exact protocol it answers. The fields are
 documented in ``docs/studies.md``; :class:`Protocol` validates them with one-line errors.
@@ -202,6 +203,7 @@ class Protocol(_Strict):
     base: dict[str, Any]
     arms: list[Arm]
     seeds: Seeds
+    seed_keys: list[str] = Field(default_factory=list)
     claims: list[Claim]
     select: dict[str, Select] = Field(default_factory=dict)
     metrics: dict[str, Metric] = Field(default_factory=dict)
@@ -216,6 +218,12 @@ class Protocol(_Strict):
     @model_validator(mode="after")
     def _consistent(self):
         labels = [lab for a in self.arms for lab, _ in a.expand()]
+        for k in self.seed_keys:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", k):
+                raise ValueError(f"seed_keys: {k!r} is not a dotted config key such as 'data.seed'")
+            clash = [lab for a in self.arms for lab, over in a.expand() if k in over]
+            if clash:
+                raise ValueError(f"seed_keys: {k!r} is also set by arm {clash[0]!r}; it follows the seed")
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"arms: repeated labels {dup}")

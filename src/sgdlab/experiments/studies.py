@@ -391,7 +391,7 @@ def _sweep(proto: Protocol, arms: list[tuple[str, dict]], seeds: list[int], out:
                                   "extra": json.loads(done.read_text()) if done.is_file() else {}}])
 
     run_sweep(base, points, seeds, out, jobs=jobs, progress=progress, extra_manifest=extra, seed_major=True,
-              on_result=analyse)
+              seed_keys=proto.seed_keys, on_result=analyse)
     trials = agg.load_trials(out)
     failed = [t["name"] for t in trials if t["status"] == "failed"]
     if failed:

@@ -146,8 +146,12 @@ def _load_raw(config) -> dict:
     return read_raw_config(Path(config))
 
 
-def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1) -> tuple[dict, list[Trial]]:
+def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1,
+         seed_keys: Sequence[str] = ()) -> tuple[dict, list[Trial]]:
     """``(base, trials)``: the validated trials of ``config`` x ``points`` x ``seeds`` (seed = 0..N-1 for an int).
+
+    ``seed_keys``: dotted config keys set to the trial's seed as well as ``seed`` (e.g. ``"data.seed"``
+    for a fresh dataset draw per seed, shared by every grid point of that seed so pairs stay paired).
 
     Every trial's config is validated now, its model and sampler built on stand-ins (bad keys and option
     values raise :class:`~sgdlab.errors.ConfigError` before
@@ -174,6 +178,10 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
             for k, v in p.overrides.items():
                 set_dotted(raw, k, v)
             raw["seed"] = s
+            for k in seed_keys:
+                if k in p.overrides:
+                    raise ConfigError(f"seed_keys: {k!r} is also a grid key; a key follows the seed or the grid")
+                set_dotted(raw, k, s)
             set_dotted(raw, "log.progress", False)
             try:
                 loaded = load_config(raw)
@@ -313,7 +321,7 @@ def _check_existing(out: Path, trials: list[Trial]) -> None:
 def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1, out_dir="runs/sweep",
               *, jobs: int = 1, backend: str = "process", address: str | None = None, progress: bool = True,
               extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None,
-              seed_major: bool = False) -> dict:
+              seed_major: bool = False, seed_keys: Sequence[str] = ()) -> dict:
     """Run every trial of ``config`` x ``points`` x ``seeds`` into ``out_dir``; return ``sweep.json``'s content.
 
     ``jobs`` worker processes (spawned when ``jobs > 1``, in this process when ``jobs == 1``) or, with
@@ -322,13 +330,14 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
     ``jobs`` or the backend. Finished trials are skipped and interrupted ones resumed (see module doc). The returned
     dict adds ``counts`` (trials per action: ran, resumed, skipped, failed). ``seed_major=True`` runs the
     trials seed by seed (every point of the first seed, then of the second, ...), so slow drift of the
-    machine's load does not line up with the groups being compared.
+    machine's load does not line up with the groups being compared. ``seed_keys``: config keys that
+    follow the trial seed too (see :func:`plan`).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if backend not in ("process", "ray"):
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
-    base, trials = plan(config, points, seeds)
+    base, trials = plan(config, points, seeds, seed_keys=seed_keys)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory")
