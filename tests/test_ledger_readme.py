@@ -14,3 +14,33 @@ def test_readme_ledger_matches_results():
     table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
     assert table == ledger_markdown(ROOT / "results"), (
         "README.md's ledger differs from `sgdlab ledger --markdown`; paste that command's output between the markers")
+
+
+def test_a_result_under_a_revised_protocol_is_marked(tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    import pytest
+
+    from sgdlab.experiments.ledger import load
+
+    found = sorted(d for d in (ROOT / "results").iterdir() if (d / "trials.csv").is_file())
+    if not found:
+        pytest.skip("no committed results to copy")
+    src = found[0]
+    for edit in (False, True):
+        dst = tmp_path / str(edit) / src.name
+        shutil.copytree(src, dst)
+        if edit:  # the copy that ran differs from the shipped protocol of the same name
+            text = (dst / "protocol.yaml").read_text() + "# revised\n"
+            (dst / "protocol.yaml").write_text(text)
+            ctx = json.loads((dst / "context.json").read_text())
+            ctx["protocol_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            (dst / "context.json").write_text(json.dumps(ctx))
+        claims = load(dst.parent)
+        assert claims
+        shipped_text = (ROOT / "studies" / f"{src.name}.yaml").read_text()
+        same = (dst / "protocol.yaml").read_text() == shipped_text
+        assert all(bool(c.get("stale")) == (not same) for c in claims)
+        assert not edit or all(c.get("stale") for c in claims)

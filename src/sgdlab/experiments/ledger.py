@@ -54,6 +54,10 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
         results[proto.name] = verdicts_from_tables(proto, read_table(d / "trials.csv"), pilot,
                                                    quick=bool(ctx.get("quick")))
         contexts[proto.name] = dict(ctx, protocol_sha256=sha, dir=d)
+        current = _shipped_sha(proto.name)
+        if current is not None and current != sha:  # the shipped protocol was revised after this run
+            for c in results[proto.name]["claims"]:
+                c["stale"] = True
     alpha = min((p.alpha for p in protos.values()), default=0.05)
     finish(protos, results, alpha)
     if write:
@@ -71,6 +75,15 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
     return results
 
 
+def _shipped_sha(name: str) -> str | None:
+    """The SHA-256 of the shipped ``studies/<name>.yaml``, or ``None`` for a study that is not shipped."""
+    from .protocol import shipped
+
+    if name not in shipped():
+        return None
+    return load_protocol(name)[2]
+
+
 def load(root) -> list[dict]:
     """The ledger's primary claims from ``root`` (recomputed from the tables, nothing written)."""
     res = refresh(root, write=False)
@@ -81,7 +94,8 @@ def _row(c: dict) -> list[str]:
     return [c["study"], c["claim"], _num(c["estimate"]), f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}]",
             f"{c['sesoi']:g}" + (f" (margin {c['margin']:g})" if c.get("margin") else "")
             + (" (log ratio)" if c.get("log") else ""), str(c["n"]),
-            f"{c['p_holm']:.2g}" if c.get("p_holm") is not None else "", c["verdict"]]
+            f"{c['p_holm']:.2g}" if c.get("p_holm") is not None else "",
+            c["verdict"] + (" (earlier protocol: rerun)" if c.get("stale") else "")]
 
 
 def ledger_rows(claims: Sequence[dict]) -> list[list[str]]:
