@@ -225,6 +225,7 @@ def trace_errors(model, x, y, ops, truth: float, m: int, seeds: int, have: dict)
         op = HessianOperator(model, F.cross_entropy, (x, y))
         add(f"sgdlab hutch++ @{m}", estimate_trace(op, method="hutch++", num_matvecs=m, seed=seed).value)
         add(f"sgdlab krylov @{m}", estimate_trace(op, method="krylov", num_matvecs=m, seed=seed).value)
+        add(f"sgdlab xtrace @{m}", estimate_trace(op, method="xtrace", num_matvecs=m, seed=seed).value)
         add(f"sgdlab hutchinson @{3 * m}",
             estimate_trace(op, method="hutchinson", num_matvecs=3 * m, seed=seed).value)
         if "curvlinops" in have:
@@ -299,9 +300,13 @@ def main() -> None:
             e = trace_errors(model, x, y, ops, tr, m, args.seeds, have)
             ours = e[f"sgdlab hutch++ @{m}"]
             peers_e = [v for n, v in e.items() if "hutch++" in n and not n.startswith("sgdlab")]
-            checks = [f"hutch++ <= hutchinson@3m: {'ok' if ours <= e[f'sgdlab hutchinson @{3 * m}'] else 'NOT met'}"]
+            h3 = e[f"sgdlab hutchinson @{3 * m}"]
+            checks = [f"hutch++ <= hutchinson@3m: {'ok' if ours <= h3 else 'NOT met'}",
+                      f"xtrace <= hutchinson@3m: {'ok' if e[f'sgdlab xtrace @{m}'] <= h3 else 'NOT met'}"]
             if peers_e:
                 checks.append(f"hutch++ <= peers' hutch++: {'ok' if ours <= min(peers_e) else 'NOT met'}")
+                checks.append(f"xtrace <= peers' hutch++: "
+                              f"{'ok' if e[f'sgdlab xtrace @{m}'] <= min(peers_e) else 'NOT met'}")
                 checks.append(f"krylov <= peers' hutch++: "
                               f"{'ok' if e[f'sgdlab krylov @{m}'] <= min(peers_e) else 'NOT met'}")
             print(f"  trace, mean relative error over {args.seeds} seeds: " + ", ".join(

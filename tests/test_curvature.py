@@ -265,3 +265,19 @@ def test_krylov_deflated_trace_is_unbiased_covers_and_beats_hutchpp():
     assert np.mean(np.abs(vals - t)) < 0.5 * np.mean([abs(e.value - t) for e in pp])
     cov = np.mean([lo <= t <= hi for lo, hi in (e.interval(0.95) for e in kr)])
     assert abs(cov - 0.95) <= 3 * math.sqrt(0.95 * 0.05 / len(kr)), cov
+
+
+def test_xtrace_is_unbiased_uses_its_budget_and_beats_hutchpp_on_a_decaying_spectrum():
+    eigs = [100.0 / (i + 1) ** 2 for i in range(60)]
+    a = sym_with_eigs(eigs, seed=5)
+    t = sum(eigs)
+    xt = [estimate_trace(MatrixOperator(a), method="xtrace", num_matvecs=30, seed=s) for s in range(200)]
+    pp = [estimate_trace(MatrixOperator(a), method="hutch++", num_matvecs=30, seed=s) for s in range(200)]
+    assert all(e.num_matvecs == 30 and e.num_samples == 15 for e in xt)
+    vals = np.array([e.value for e in xt])
+    assert abs(vals.mean() - t) <= 4 * vals.std(ddof=1) / math.sqrt(len(vals))  # unbiased
+    assert np.mean(np.abs(vals - t)) < 0.8 * np.mean([abs(e.value - t) for e in pp])
+    # a sketch as wide as the matrix is exact
+    small = sym_with_eigs([3.0, -1.0, 2.0, 0.5], seed=1)
+    full = estimate_trace(MatrixOperator(small), method="xtrace", num_matvecs=8, seed=0)
+    assert full.value == pytest.approx(4.5, rel=1e-10) and full.stderr == 0.0

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, help="evaluation batch size (results do not depend on it)")
     a.add_argument("--seed", type=int, help="seed of the subset, probes and pairs (default 0)")
     a.add_argument("--samples", type=int, help="hessian: products for the trace estimate (default 99)")
-    a.add_argument("--trace-method", choices=["hutch++", "krylov", "hutchinson", "exact"], help="default hutch++")
+    a.add_argument("--trace-method", choices=["hutch++", "xtrace", "krylov", "hutchinson", "exact"], help="default hutch++")
     a.add_argument("--blocks", nargs="?", const="layers", choices=["layers", "stages"],
                    help="hessian: also print trace and top eigenvalue per layer (or per stage)")
     a.add_argument("--curvature", choices=["hessian", "ggn"], help="hessian: matrix to analyse")

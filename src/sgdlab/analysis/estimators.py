@@ -43,7 +43,7 @@ __all__ = [
     "TRACE_METHODS",
 ]
 
-TRACE_METHODS = ("hutchinson", "hutch++", "krylov", "exact")
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "krylov", "exact")
 
 
 def rademacher(dim: int, generator: torch.Generator, device: Any = "cpu", n: int | None = None) -> torch.Tensor:
@@ -403,13 +403,15 @@ def estimate_trace(
     ``"hutch++"`` (Meyer et al. 2021, Algorithm 1): ``s = num_matvecs // 3`` Rademacher sketch vectors
     ``S``, ``Q = orth(A S)``, the exact ``tr(Q^T A Q)`` (``s`` products), plus Hutchinson with the
     remaining ``num_matvecs - 2 s`` probes projected off ``Q``; its error falls like ``1/m`` instead of
-    ``1/sqrt(m)`` when the spectrum is dominated by a few large eigenvalues. ``"exact"``: the sum of
+    ``1/sqrt(m)`` when the spectrum is dominated by a few large eigenvalues. ``"xtrace"`` (Epperly, Tropp
+    and Webber 2024, the exchangeable estimator): ``k = num_matvecs // 2`` Rademacher vectors are each
+    the test vector once and part of the sketch otherwise; see :func:`_xtrace`. ``"exact"``: the sum of
     ``e_i^T A e_i`` (``dim`` products; small blocks and tests).
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {', '.join(TRACE_METHODS)}, got {method!r}")
     m = int(num_matvecs)
-    need = {"hutchinson": 2, "hutch++": 4, "krylov": 3, "exact": 0}[method]
+    need = {"hutchinson": 2, "hutch++": 4, "xtrace": 6, "krylov": 3, "exact": 0}[method]
     if m != num_matvecs or m < need:
         raise ValueError(f"num_matvecs must be an integer >= {need} for {method}, got {num_matvecs!r}")
     n_res = _check_resamples(op, data_resamples)
@@ -428,6 +430,8 @@ def estimate_trace(
             value, se = mean_se(samples)
         elif method == "hutch++":
             value, se, samples = _hutchpp(op, m, gen)
+        elif method == "xtrace":
+            value, se, samples = _xtrace(op, m, gen)
         elif method == "krylov":
             value, se, samples = _krylov_deflated(op, m, gen)
         else:
@@ -466,6 +470,41 @@ def _hutchpp(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[
         samples.append(float(torch.dot(z, op.matvec(z).to(torch.float64))))
     mu, se = mean_se(samples)
     return top + mu, se, samples
+
+
+def _xtrace(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[float]]:
+    """XTrace (Epperly, Tropp & Webber, SIAM J. Matrix Anal. Appl. 2024, section 2): every probe serves
+    both roles of Hutch++.
+
+    With ``k = m // 2`` Rademacher vectors ``W``, ``Y = A W`` and ``Q R = Y``, ``Z = A Q`` (``2k``
+    products). For each ``i``, ``Q_i = orth(Y`` without column ``i)`` does not depend on ``w_i``, so
+    ``t_i = tr(Q_i^T A Q_i) + w_i^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w_i`` is unbiased; the estimate is the
+    mean of the ``t_i``. ``Q_i = Q U_i`` with ``U_i = orth(R`` without column ``i)``, so every term comes
+    from ``Y``, ``Z`` and small ``k x k`` algebra, with no further products. The standard error is the
+    paper's estimate, the spread of the ``t_i`` over ``sqrt(k)``.
+    """
+    k = m // 2
+    if k >= op.dim:  # the sketch spans the space: tr(Q^T A Q) is the trace
+        k = op.dim
+    w = rademacher(op.dim, gen, op.device, n=k)
+    y = torch.stack([op.matvec(w[:, j]).to(torch.float64) for j in range(k)], dim=1)
+    q, r = torch.linalg.qr(y)
+    z = torch.stack([op.matvec(q[:, j]).to(torch.float64) for j in range(k)], dim=1)
+    qtz = q.T @ z
+    qtz = 0.5 * (qtz + qtz.T)
+    qtw = q.T @ w
+    samples = []
+    for i in range(k):
+        u, _ = torch.linalg.qr(torch.cat([r[:, :i], r[:, i + 1:]], dim=1))  # k x (k-1)
+        small = u.T @ qtz @ u
+        c = u.T @ qtw[:, i]  # Q_i^T w_i
+        resid = w[:, i] - q @ (u @ c)  # (I - Q_i Q_i^T) w_i
+        a_resid = y[:, i] - z @ (u @ c)  # A (I - Q_i Q_i^T) w_i
+        samples.append(float(torch.trace(small)) + float(torch.dot(resid, a_resid)))
+    if k == op.dim:
+        return float(torch.trace(qtz)), 0.0, []
+    mu, se = mean_se(samples)
+    return mu, se, samples
 
 
 def _krylov_deflated(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[float]]:
