@@ -112,10 +112,17 @@ def _md(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def ledger_markdown(root) -> str:
     """The ledger as a Markdown table (the README's block between the ledger markers)."""
-    claims = load(root)
+    res = refresh(root, write=False)
+    claims = [c for r in res.values() for c in r["claims"] if c["primary"]]
     if not claims:
         return "_No study results yet: run `sgdlab study NAME` (see docs/studies.md)._\n"
-    return _md(LEDGER_HEADERS, ledger_rows(claims))
+    regimes = {}
+    for d in study_dirs(root):
+        proto = load_protocol(d / "protocol.yaml")[0]
+        regimes[proto.name] = " ".join(proto.regime.split()).rstrip(".")
+    lines = [f"- `{name}`: its verdicts hold in the regime {regimes[name]}."
+             for name in dict.fromkeys(c["study"] for c in claims) if name in regimes]
+    return _md(LEDGER_HEADERS, ledger_rows(claims)) + "\n" + "\n".join(lines) + "\n"
 
 
 def rich_table(claims: Sequence[dict], title: str = "Claims ledger", pilot: bool = False):
