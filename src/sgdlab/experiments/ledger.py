@@ -169,7 +169,12 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
         lines += ["## Choices made on the pilot seeds", ""]
         for k, v in payload["selection"].items():
             means = ", ".join(f"{a}: {m:.4g}" for a, m in v["pilot_means"].items())
-            lines.append(f"- {k}: **{v['arm']}** (pilot means of {v['metric']}: {means})")
+            cands = list(v["pilot_means"])
+            edge = (" It is the last candidate listed, so the best setting may lie beyond the candidates."
+                    if len(cands) > 2 and v["arm"] == cands[-1] else
+                    " It is the first candidate listed, so the best setting may lie before the candidates."
+                    if len(cands) > 2 and v["arm"] == cands[0] else "")
+            lines.append(f"- {k}: **{v['arm']}** (pilot means of {v['metric']}: {means}).{edge}")
         lines.append("")
     figs = sorted((Path(payload["dir"]) / "figures").glob("*.png")) if payload.get("dir") else []
     if figs:
