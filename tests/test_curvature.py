@@ -220,9 +220,11 @@ def test_slq_density_has_pointwise_stderr_and_trace_estimate():
 def test_estimator_argument_errors():
     op = MatrixOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="method must be one of"):
-        estimate_trace(op, method="xtrace")
+        estimate_trace(op, method="xtrace++")
     with pytest.raises(ValueError, match="num_matvecs"):
         estimate_trace(op, method="hutch++", num_matvecs=3)
+    with pytest.raises(ValueError, match="num_matvecs must be an integer >= 6 for xtrace"):
+        estimate_trace(op, method="xtrace", num_matvecs=5)
     with pytest.raises(ValueError, match="data_resamples"):
         estimate_trace(op, data_resamples=1)
     with pytest.raises(ValueError, match="resample"):
