@@ -492,6 +492,8 @@ def _xtrace(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[f
     z = torch.stack([op.matvec(q[:, j]).to(torch.float64) for j in range(k)], dim=1)
     qtz = q.T @ z
     qtz = 0.5 * (qtz + qtz.T)
+    if k == op.dim:
+        return float(torch.trace(qtz)), 0.0, []
     qtw = q.T @ w
     samples = []
     for i in range(k):
@@ -501,8 +503,6 @@ def _xtrace(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[f
         resid = w[:, i] - q @ (u @ c)  # (I - Q_i Q_i^T) w_i
         a_resid = y[:, i] - z @ (u @ c)  # A (I - Q_i Q_i^T) w_i
         samples.append(float(torch.trace(small)) + float(torch.dot(resid, a_resid)))
-    if k == op.dim:
-        return float(torch.trace(qtz)), 0.0, []
     mu, se = mean_se(samples)
     return mu, se, samples
 

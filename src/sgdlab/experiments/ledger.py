@@ -112,8 +112,7 @@ def _md(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def ledger_markdown(root) -> str:
     """The ledger as a Markdown table (the README's block between the ledger markers)."""
-    res = refresh(root, write=False)
-    claims = [c for r in res.values() for c in r["claims"] if c["primary"]]
+    claims = load(root)
     if not claims:
         return "_No study results yet: run `sgdlab study NAME` (see docs/studies.md)._\n"
     regimes = {}
