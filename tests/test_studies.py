@@ -297,3 +297,24 @@ def test_the_commit_recorded_is_the_one_that_ran(tmp_path, monkeypatch):
     ctx = json.loads((tmp_path / "q" / "context.json").read_text())
     assert (ctx["commit"], ctx["commit_at_end"]) == ("aaa", "bbb")
     assert "code commit `aaa` (checkout at the end: `bbb`)" in (tmp_path / "q" / "report.md").read_text()
+
+
+def test_an_installed_wheel_finds_the_shipped_protocols(tmp_path, monkeypatch):
+    import sysconfig
+    import tomllib
+    from pathlib import Path
+
+    # the wheel's data-files put studies/ under <prefix>/share/sgdlab/studies
+    root = Path(__file__).resolve().parents[1]
+    files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert sorted(files["share/sgdlab/studies"]) == ["studies/*.yaml", "studies/ORDER"]
+    share = tmp_path / "share" / "sgdlab" / "studies"
+    share.mkdir(parents=True)
+    for f in [*(root / "studies").glob("*.yaml"), root / "studies" / "ORDER"]:
+        (share / f.name).write_text(f.read_text())
+    # outside any source tree, only the installed copy can be found
+    monkeypatch.setattr(protocol, "__file__", str(tmp_path / "site-packages" / "sgdlab" / "experiments" / "p.py"))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
+    monkeypatch.chdir(tmp_path)
+    assert protocol.studies_dir() == share
+    assert protocol.find_protocol("srs") == share / "srs.yaml" and "shake" in protocol.shipped()
