@@ -251,3 +251,70 @@ def test_analyses_enter_the_table(tmp_path):
     rows = studies.read_table(res["artifacts"] / "trials.csv")
     assert len(rows) == 4 and all(r["sharpness"] is not None and r["sharpness"] >= 0 for r in rows)
     assert (res["artifacts"] / "figures").is_dir()
+
+
+def test_a_target_no_trial_reached_decides_nothing():
+    text = TINY.replace("worst: {loss_half: 2.31}",
+                        "  steps: {kind: first_below, of: train_eval_loss, target: 0.5, x: step}\n"
+                        "worst: {loss_half: 2.31, steps: 30}")
+    text = text.replace("claims:\n", "claims:\n  - {id: faster, text: \"lr 0.1 reaches loss 0.5 sooner\", "
+                        "metric: steps, treatment: lr 0.1, baseline: tiny lr, direction: lower, sesoi: 5}\n", 1)
+    proto, _, _ = protocol.load_protocol(studies_path("tiny_target", text))
+
+    def table(reached_fast: list[float]):
+        rows = []
+        for s, hit in zip((0, 1, 2), reached_fast):
+            rows.append({"arm": "tiny lr", "seed": s, "status": "completed", "test_error": 0.8, "loss_half": 2.0,
+                         "steps": 30.0, "steps_reached": 0.0})
+            rows.append({"arm": "lr 0.1", "seed": s, "status": "completed", "test_error": 0.3, "loss_half": 1.0,
+                         "steps": 10.0 + s if hit else 30.0, "steps_reached": hit})
+        return rows
+
+    # no trial of either arm reached the target: every value is the budget, a difference of exactly 0,
+    # which the interval alone would call "no effect of the claimed size"
+    r = studies.verdicts_from_tables(proto, table([0.0, 0.0, 0.0]))
+    studies.finish({"tiny": proto}, {"tiny": r})
+    c = r["claims"][0]
+    assert (c["unreached"], c["trials"]) == (6, 6)
+    assert c["outcome"] == st.INCONCLUSIVE and c["verdict"] == "inconclusive (no trial reached the target)"
+    assert "6 of 6 trials never reached the target" in c["text"]
+    # the fast arm reached it: a real speed difference, decided as usual, with the censored trials counted
+    r = studies.verdicts_from_tables(proto, table([1.0, 1.0, 1.0]))
+    studies.finish({"tiny": proto}, {"tiny": r})
+    c = r["claims"][0]
+    assert (c["unreached"], c["trials"]) == (3, 6) and c["outcome"] == st.SUPPORTED
+    assert "3 of 6 trials never reached the target (counted at the budget)" in c["note"]
+    # the other claims' metrics are not first_below: nothing is counted
+    assert all((x["unreached"], x["trials"]) == (0, 0) for x in r["claims"][1:])
+
+
+def test_the_commit_recorded_is_the_one_that_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path)
+    heads = iter(["aaa", "bbb", "bbb"])  # the checkout moves to bbb while the study runs
+    monkeypatch.setattr(studies, "_commit", lambda: next(heads))
+    studies.run_study(str(path), quick=True, out=tmp_path / "q", jobs=1, progress=False)
+    ctx = json.loads((tmp_path / "q" / "context.json").read_text())
+    assert (ctx["commit"], ctx["commit_at_end"]) == ("aaa", "bbb")
+    assert "code commit `aaa` (checkout at the end: `bbb`)" in (tmp_path / "q" / "report.md").read_text()
+
+
+def test_an_installed_wheel_finds_the_shipped_protocols(tmp_path, monkeypatch):
+    import sysconfig
+    import tomllib
+    from pathlib import Path
+
+    # the wheel's data-files put studies/ under <prefix>/share/sgdlab/studies
+    root = Path(__file__).resolve().parents[1]
+    files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert sorted(files["share/sgdlab/studies"]) == ["studies/*.yaml", "studies/ORDER"]
+    share = tmp_path / "share" / "sgdlab" / "studies"
+    share.mkdir(parents=True)
+    for f in [*(root / "studies").glob("*.yaml"), root / "studies" / "ORDER"]:
+        (share / f.name).write_text(f.read_text())
+    # outside any source tree, only the installed copy can be found
+    monkeypatch.setattr(protocol, "__file__", str(tmp_path / "site-packages" / "sgdlab" / "experiments" / "p.py"))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
+    monkeypatch.chdir(tmp_path)
+    assert protocol.studies_dir() == share
+    assert protocol.find_protocol("srs") == share / "srs.yaml" and "shake" in protocol.shipped()

@@ -152,7 +152,9 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
     lines = [f"# Study `{proto.name}`: {proto.title}", "",
              f"Claim (paper's words): {proto.claim}", "", f"Source: {proto.citation}", "",
              f"Regime: {proto.regime}", "",
-             f"Protocol SHA-256 `{payload['protocol_sha256']}`; code commit `{payload.get('commit', 'unknown')}`; "
+             f"Protocol SHA-256 `{payload['protocol_sha256']}`; code commit `{payload.get('commit', 'unknown')}`"
+             + (f" (checkout at the end: `{payload['commit_at_end']}`)" if payload.get("commit_at_end") else "")
+             + "; "
              f"final seeds {proto.seeds.final}; pilot seeds {proto.seeds.pilot or 'none'}"
              + ("; quick mode (pilot estimates, not verdicts)" if payload.get("quick") else "") + ".", ""]
     if payload.get("measurements"):

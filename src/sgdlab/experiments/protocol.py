@@ -266,11 +266,19 @@ class Protocol(_Strict):
 
 
 def studies_dir() -> Path | None:
-    """The shipped protocols: ``studies/`` of the source tree this package was installed from."""
+    """The shipped protocols: ``studies/`` of the source tree this package runs from, else the copy a
+    wheel installs under ``<prefix>/share/sgdlab/studies`` (``pyproject.toml``'s data-files)."""
+    import site
+    import sysconfig
+
     here = Path(__file__).resolve()
     for parent in here.parents:
         cand = parent / "studies"
         if cand.is_dir() and (parent / "pyproject.toml").is_file():
+            return cand
+    for prefix in (sysconfig.get_paths()["data"], site.USER_BASE):
+        cand = Path(prefix or "") / "share" / "sgdlab" / "studies"
+        if prefix and cand.is_dir():
             return cand
     return None
 

@@ -23,6 +23,7 @@ committed verdict from ``results/``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -318,13 +319,25 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
         seeds, v, ndiv = _claim_values(proto, c, table, chosen)
         ti = st.t_interval(v)
         arms = {(chosen[a[1:]]["arm"] if a.startswith("@") else a): k for a, k in c.contrast.items()}
+        unreached, counted = _unreached(proto, c.metric, table, set(arms) if c.kind == "contrast" else None)
         claims.append({"study": proto.name, "id": c.id, "claim": c.text, "metric": c.metric,
                        "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "log": c.log,
                        "primary": c.primary,
                        "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
                        "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": ti.p,
-                       "ladder": c.ladder, "at": c.at, "values": v.tolist()})
+                       "ladder": c.ladder, "at": c.at, "values": v.tolist(),
+                       "unreached": unreached, "trials": counted})
     return {"claims": claims, "selection": chosen}
+
+
+def _unreached(proto: Protocol, metric: str, table: list[dict], arms: set[str] | None) -> tuple[int, int]:
+    """For a ``first_below`` metric: how many completed trials of ``arms`` (all when None) never reached
+    the target (their value is the budget), and how many completed trials there are; (0, 0) otherwise."""
+    m = proto.metrics.get(metric)
+    if m is None or m.kind != "first_below":
+        return 0, 0
+    rows = [r for r in table if r["status"] == "completed" and (arms is None or r["arm"] in arms)]
+    return sum(1 for r in rows if r.get(f"{metric}_reached") == 0.0), len(rows)
 
 
 def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float = 0.05) -> None:
@@ -343,11 +356,20 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
             ti = st.t_interval(c["values"], level)
             d = st.decide(ti.low, ti.high, 1 if c["direction"] == "higher" else -1, c["sesoi"], margin=c["margin"],
                           sd=ti.sd, n=ti.n, alpha=1 - level)
+            unreached, counted = c.get("unreached", 0), c.get("trials", 0)
+            if counted and unreached == counted:
+                # every value is the budget: the contrast compares budgets, so it can decide nothing
+                d = st.Decision(st.INCONCLUSIVE, "no trial reached the target",
+                                note="every trial stopped at the budget, so the contrast compares budgets, not speeds")
+            elif unreached:
+                d = dataclasses.replace(d, note="; ".join(filter(None, [
+                    d.note, f"{unreached} of {counted} trials never reached the target (counted at the budget)"])))
             c.update(decision_low=ti.low, decision_high=ti.high, outcome=d.outcome, qualifier=d.qualifier,
                      verdict=d.label, seeds_needed=d.seeds_needed, note=d.note)
             c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
                          f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}, {c['n']} seeds"
                          + (f", {c['diverged']} diverged trials counted at the worst value" if c["diverged"] else "")
+                         + (f", {unreached} of {counted} trials never reached the target" if unreached else "")
                          + ").")
         ladders: dict[str, list] = {}
         for c in r["claims"]:
@@ -431,6 +453,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     out = Path(out) if out is not None else Path("runs/studies") / (proto.name + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    commit = _commit()  # the code that runs; checked again at the end
     measured: dict = {}
     if proto.measure is not None:
         mpath = out / "measurements.json"
@@ -472,8 +495,10 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     write_table(rows, art / "trials.csv")
     if pilot_rows:
         write_table(pilot_rows, art / "pilot.csv")
-    context = {"study": proto.name, "quick": quick, "protocol_sha256": sha, "commit": _commit(),
+    context = {"study": proto.name, "quick": quick, "protocol_sha256": sha, "commit": commit,
                "seconds": seconds, "measurements": measured, "sweeps": out.name}
+    if _commit() != commit:  # the checkout changed while the study ran: say so, the start is what ran
+        context["commit_at_end"] = _commit()
     (art / "context.json").write_text(json.dumps(context, indent=2))
     from .ledger import refresh
 
