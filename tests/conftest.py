@@ -1,5 +1,7 @@
 import os
 
+import sgdlab  # noqa: F401  (before torch computes anything: it sets MKL_CBWR, see sgdlab/__init__.py)
+
 import pytest
 import torch
 
