@@ -276,9 +276,9 @@ def studies_dir() -> Path | None:
         cand = parent / "studies"
         if cand.is_dir() and (parent / "pyproject.toml").is_file():
             return cand
-    for prefix in (sysconfig.get_paths()["data"], site.USER_BASE):
-        cand = Path(prefix or "") / "share" / "sgdlab" / "studies"
-        if prefix and cand.is_dir():
+    for prefix in filter(None, (sysconfig.get_paths()["data"], site.USER_BASE)):
+        cand = Path(prefix) / "share" / "sgdlab" / "studies"
+        if cand.is_dir():
             return cand
     return None
 

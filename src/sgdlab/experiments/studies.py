@@ -497,8 +497,9 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
         write_table(pilot_rows, art / "pilot.csv")
     context = {"study": proto.name, "quick": quick, "protocol_sha256": sha, "commit": commit,
                "seconds": seconds, "measurements": measured, "sweeps": out.name}
-    if _commit() != commit:  # the checkout changed while the study ran: say so, the start is what ran
-        context["commit_at_end"] = _commit()
+    end = _commit()
+    if end != commit:  # the checkout changed while the study ran: say so, the start is what ran
+        context["commit_at_end"] = end
     (art / "context.json").write_text(json.dumps(context, indent=2))
     from .ledger import refresh
 
