@@ -398,7 +398,8 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
         elif backend == "ray":
             from .ray_backend import run_trials
 
-            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done)
+            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done,
+                       sweep_dir=str(out))
         elif jobs == 1:
             # one thread per trial on every backend: CPU kernels split work by thread count, so this
             # keeps a trial's numbers independent of --jobs (and a sweep resumed with other --jobs exact)
