@@ -111,7 +111,7 @@ def build(name: str, n: int, seed: int = 0):
     return model.eval(), x, y
 
 
-def dense_reference(model: nn.Module, x, y, dense_max: int) -> tuple[np.ndarray, str]:
+def dense_reference(model: nn.Module, x, y, dense_max: int) -> tuple[np.ndarray, np.ndarray, str]:
     m64 = copy.deepcopy(model).double().eval()
     dim = sum(p.numel() for p in m64.parameters())
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in m64.modules())
@@ -132,7 +132,41 @@ def dense_reference(model: nn.Module, x, y, dense_max: int) -> tuple[np.ndarray,
         h, how = torch.func.hessian(f)(flat0), "torch.func.hessian"
     else:
         h, how = HessianOperator(m64, F.cross_entropy, (x.double(), y)).dense(), "float64 HVP columns"
-    return torch.linalg.eigvalsh(0.5 * (h + h.T)).numpy(), how
+    w, u = torch.linalg.eigh(0.5 * (h + h.T))
+    return w.numpy(), u.numpy(), how
+
+
+def deflation_floor(w: np.ndarray, u: np.ndarray, kmax: int) -> np.ndarray:
+    """``out[k]``: the variance of one Rademacher probe ``z^T R_k z`` of the residual ``R_k = A - U_k L_k U_k^T``
+    after removing the ``k`` largest-magnitude eigenpairs exactly, ``2 (|R_k|_F^2 - sum_i R_k,ii^2)``, for
+    ``k = 0 .. kmax`` (``out[0]`` is Hutchinson's variance).
+
+    It is the best case for a deflated estimator that draws its probes apart from its sketch (Hutch++, the
+    Krylov variant): it pays at least ``k`` products for a rank-``k`` subspace, whose residual is at best
+    about that of the exact top-``k`` one (the subspace that removes the most Frobenius mass; the diagonal,
+    which Rademacher probes do not see, makes this approximate), and then has at most ``m - k`` probes for
+    the residual. So ``min_k out[k] / (m - k)`` bounds their variance at ``m`` products from below, to be set
+    against Hutchinson's ``out[0] / (3 m)``. XTrace reuses its sketch vectors as probes, so for it the bound
+    is a guide, not a proof.
+    """
+    order = np.argsort(-np.abs(w))
+    w, u = w[order], u[:, order]
+    kmax = min(kmax, len(w))
+    sq = np.concatenate([[0.0], np.cumsum(w[:kmax] ** 2)])
+    frob = float(np.sum(w ** 2)) - sq  # |R_k|_F^2
+    diag = (u ** 2) @ w  # diag(A)
+    diag_k = diag[:, None] - np.concatenate([np.zeros((len(w), 1)), np.cumsum((u[:, :kmax] ** 2) * w[:kmax], axis=1)],
+                                            axis=1)
+    return 2.0 * (frob - np.sum(diag_k ** 2, axis=0))
+
+
+def attainable(floor: np.ndarray, m: int) -> tuple[float, int]:
+    """The smallest error a deflated estimator with ``m`` products could have against Hutchinson with ``3 m``
+    (a ratio of standard deviations; above 1 the target cannot be met at ``m``), and the best ``k``."""
+    ks = np.arange(0, min(m, len(floor)))
+    ratio = floor[ks] / (m - ks) / (floor[0] / (3 * m))
+    best = int(np.argmin(ratio))
+    return float(math.sqrt(max(ratio[best], 0.0))), int(ks[best])
 
 
 class Counted:
@@ -241,6 +275,38 @@ def trace_errors(model, x, y, ops, truth: float, m: int, seeds: int, have: dict)
             for n, e in errs.items()}
 
 
+class Dense:
+    """A dense float64 matrix as an operator for sgdlab's estimators (``matvec``, ``dim``, ``device``)."""
+
+    def __init__(self, a: np.ndarray):
+        self.a = torch.from_numpy(a)
+        self.dim, self.device = a.shape[0], torch.device("cpu")
+
+    def matvec(self, v):
+        return self.a @ v.to(torch.float64)
+
+
+def crossover(w: np.ndarray, u: np.ndarray, budgets: list[int], seeds: int, floor: np.ndarray) -> None:
+    """Our estimators at ``m`` products against Hutchinson at ``3 m`` on the dense reference itself (float64,
+    exact products), for budgets beyond the HVP runs: where the target starts to hold."""
+    a = (u * w) @ u.T
+    truth = float(w.sum())
+    for m in budgets:
+        if 3 * m > len(w):
+            print(f"    m = {m}: 3m exceeds the dimension {len(w)}; skipped")
+            continue
+        row = {}
+        for method, mm in (("hutch++", m), ("krylov", m), ("xtrace", m), ("hutchinson", 3 * m)):
+            e = [abs(estimate_trace(Dense(a), method=method, num_matvecs=mm, seed=s).value - truth) / abs(truth)
+                 for s in range(seeds)]
+            row[method] = (float(np.mean(e)), float(np.std(e, ddof=1) / math.sqrt(seeds)))
+        h3 = row.pop("hutchinson")
+        best, _ = attainable(floor, m)
+        print(f"    m = {m}: hutchinson@{3 * m} {h3[0]:.2e} +- {h3[1]:.1e}; " + ", ".join(
+            f"{k} {v:.2e} +- {se:.1e} ({_vs((v, se), h3)})" for k, (v, se) in row.items())
+            + f"; best case {best:.2f}x", flush=True)
+
+
 def _vs(ours: tuple[float, float], other: tuple[float, float]) -> str:
     """'ok' when our mean error is at most the other's; 'NOT met' when it is larger by more than twice the
     standard error of the difference; 'within noise' otherwise (the seeds cannot rank the two)."""
@@ -260,7 +326,10 @@ def main() -> None:
     p.add_argument("--trace-budgets", default="30,90")
     p.add_argument("--dense-max", type=int, default=3000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--parts", default="time,eig,trace", help="which comparisons to run")
+    p.add_argument("--parts", default="time,eig,trace",
+                   help="which comparisons to run: time, eig, trace, and crossover (our trace estimators on the "
+                        "dense reference at --crossover-budgets; needs a reference computed in this run)")
+    p.add_argument("--crossover-budgets", default="30,90,150,300,450")
     p.add_argument("--reference-cache", help="file prefix to keep the dense reference spectra between runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -274,17 +343,32 @@ def main() -> None:
         dim = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
         cache = f"{args.reference_cache}.{name}.{args.examples}.npy" if args.reference_cache else None
+        kmax = max(int(b) for b in args.trace_budgets.split(","))
+        crossover_budgets = [int(b) for b in args.crossover_budgets.split(",")]
+        parts = set(args.parts.split(","))
         if cache and os.path.exists(cache):
-            ev, how = np.load(cache), f"cached in {cache}"
+            ev, vecs, how = np.load(cache), None, f"cached in {cache}"
+            floor = np.load(cache[:-4] + ".floor.npy") if os.path.exists(cache[:-4] + ".floor.npy") else None
         else:
-            ev, how = dense_reference(model, x, y, args.dense_max)
+            ev, vecs, how = dense_reference(model, x, y, args.dense_max)
+            floor = deflation_floor(ev, vecs, max(kmax, *crossover_budgets))
             if cache:
                 np.save(cache, ev)
+                np.save(cache[:-4] + ".floor.npy", floor)
         top, tr = float(ev[-1]), float(ev.sum())
         print(f"\n{name}: {dim} parameters; reference ({how}, {time.perf_counter() - t0:.0f} s): "
               f"top eigenvalue {top:.6g}, trace {tr:.6g}")
+        if "crossover" in parts:
+            if vecs is None:
+                print("  crossover: needs the dense reference computed in this run (not a cached one); skipped")
+            else:
+                print(f"  trace error on the dense reference (exact float64 products), mean +- standard error over "
+                      f"{args.seeds} seeds, each against Hutchinson@3m:")
+                crossover(ev, vecs, crossover_budgets, args.seeds, floor)
+        vecs = None
+        if not parts & {"time", "eig", "trace"}:
+            continue
         ops = make_ops(model, x, y, have)
-        parts = set(args.parts.split(","))
         times = time_hvps(ops, dim, args.repeats, args.hvps) if "time" in parts else {}
         peer_times = [t for n, t in times.items() if n in ("curvlinops", "eigenthings")]
         fastest = min(peer_times) if peer_times else float("nan")
@@ -320,6 +404,11 @@ def main() -> None:
             print(f"  trace, mean relative error +- its standard error over {args.seeds} seeds: " + ", ".join(
                 f"{n} {v:.2e} +- {se:.1e}" for n, (v, se) in e.items()) + "  [" + "; ".join(checks) + "]",
                 flush=True)
+            if floor is not None and len(floor) > m - 1:
+                r, k = attainable(floor, m)
+                print(f"    best case for any deflated estimator at {m} HVPs (exact top-{k} eigenvectors, "
+                      f"{m - k} probes): {r:.2f}x Hutchinson@3m's standard deviation"
+                      f"{'  (the target cannot be met at this budget)' if r > 1 else ''}")
 
 
 if __name__ == "__main__":

@@ -283,3 +283,45 @@ def test_xtrace_is_unbiased_uses_its_budget_and_beats_hutchpp_on_a_decaying_spec
     small = sym_with_eigs([3.0, -1.0, 2.0, 0.5], seed=1)
     full = estimate_trace(MatrixOperator(small), method="xtrace", num_matvecs=8, seed=0)
     assert full.value == pytest.approx(4.5, rel=1e-10) and full.stderr == 0.0
+
+
+def _bench_curvature():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
+    spec = importlib.util.spec_from_file_location("bench_curvature", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_deflation_floor_is_the_residual_probe_variance():
+    """The benchmark's best case for deflated trace estimators: the Rademacher variance of ``z^T R_k z`` with
+    ``R_k`` the matrix less its ``k`` largest-magnitude eigenpairs, checked directly and by sampling."""
+    bench = _bench_curvature()
+    rng = np.random.default_rng(0)
+    n = 30
+    b = rng.standard_normal((n, n))
+    a = (b + b.T) / 2 + 8.0 * np.outer(np.ones(n), np.ones(n)) / n  # one outlier over a bulk
+    w, u = np.linalg.eigh(a)
+    floor = bench.deflation_floor(w, u, 5)
+    order = np.argsort(-np.abs(w))
+    for k in range(6):
+        r = a - (u[:, order[:k]] * w[order[:k]]) @ u[:, order[:k]].T
+        direct = 2 * (np.sum(r * r) - np.sum(np.diag(r) ** 2))
+        assert floor[k] == pytest.approx(direct, rel=1e-10)
+    # by sampling: the variance of z^T R_2 z over 20,000 Rademacher probes, within 4 standard errors
+    r2 = a - (u[:, order[:2]] * w[order[:2]]) @ u[:, order[:2]].T
+    z = rng.choice([-1.0, 1.0], size=(20000, n))
+    q = np.einsum("si,ij,sj->s", z, r2, z)
+    c = q - q.mean()
+    se_var = math.sqrt((np.mean(c ** 4) - np.mean(c ** 2) ** 2) / len(q))  # standard error of a sample variance
+    assert abs(q.var(ddof=1) - floor[2]) < 4 * se_var
+    # Hutchinson is the k = 0 case, and deflating the outlier lowers the variance
+    assert floor[1] < floor[0]
+    # attainable(): with every probe spent on the residual after removing k eigenpairs, the ratio of
+    # standard deviations against Hutchinson at 3m is sqrt(floor[k] / (m - k) / (floor[0] / (3m))), minimised
+    best, k = bench.attainable(floor, 6)
+    expect = min(math.sqrt(floor[j] / (6 - j) / (floor[0] / 18)) for j in range(6))
+    assert best == pytest.approx(expect) and 0 <= k < 6
