@@ -338,14 +338,14 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.examples} examples in one batch, float32 models, {args.threads} thread(s), load average "
           f"{load:.1f} at the start (figures taken under that load); errors relative to a dense reference")
+    kmax = max(int(b) for b in args.trace_budgets.split(","))
+    crossover_budgets = [int(b) for b in args.crossover_budgets.split(",")]
+    parts = set(args.parts.split(","))
     for name in args.models.split(","):
         model, x, y = build(name, args.examples)
         dim = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
         cache = f"{args.reference_cache}.{name}.{args.examples}.npy" if args.reference_cache else None
-        kmax = max(int(b) for b in args.trace_budgets.split(","))
-        crossover_budgets = [int(b) for b in args.crossover_budgets.split(",")]
-        parts = set(args.parts.split(","))
         if cache and os.path.exists(cache):
             ev, vecs, how = np.load(cache), None, f"cached in {cache}"
             floor = np.load(cache[:-4] + ".floor.npy") if os.path.exists(cache[:-4] + ".floor.npy") else None
