@@ -325,3 +325,22 @@ def test_benchmark_deflation_floor_is_the_residual_probe_variance():
     best, k = bench.attainable(floor, 6)
     expect = min(math.sqrt(floor[j] / (6 - j) / (floor[0] / 18)) for j in range(6))
     assert best == pytest.approx(expect) and 0 <= k < 6
+
+
+def test_benchmark_dense_trace_errors_exact_cases_and_ratio_interval():
+    """The benchmark's dense harness on matrices with closed-form answers: Rademacher Hutchinson is exact on
+    a diagonal matrix (``z^T D z = tr D``), Hutch++ is exact on a matrix of rank below its sketch width, and
+    the ratio's interval is the delta method's ``r (1 +- 1.96 sqrt(cv_a^2 + cv_b^2))``."""
+    bench = _bench_curvature()
+    rng = np.random.default_rng(1)
+    diag = np.diag(rng.uniform(0.5, 2.0, 40))
+    e = bench.dense_trace_errors(diag, float(np.trace(diag)), 6, 5, {})
+    assert set(e) == {"hutch++", "krylov", "xtrace", "hutchinson"}
+    assert e["hutchinson"][0] < 1e-14 and e["hutchinson"][1] < 1e-14
+    b = rng.standard_normal((40, 3))
+    low = b @ b.T  # rank 3 < the sketch width 30 // 3 = 10
+    e = bench.dense_trace_errors(low, float(np.trace(low)), 30, 4, {})
+    assert e["hutch++"][0] < 1e-12 and e["hutchinson"][0] > 1e-3
+    text = bench._ratio((2.0, 0.1), (4.0, 0.4))
+    se = 0.5 * math.hypot(0.05, 0.1)
+    assert text == f"0.50 [{0.5 - 1.96 * se:.2f}, {0.5 + 1.96 * se:.2f}]"
