@@ -267,24 +267,38 @@ def eigsh_matched(model, x, y, ops, top: float, seeds: int) -> dict:
 
 
 def trace_errors(model, x, y, ops, truth: float, m: int, seeds: int, have: dict) -> dict:
+    """``_trace_errors`` on the model's Hessian (a fresh operator per seed), labelled for the HVP tables."""
+    e = _trace_errors(lambda: HessianOperator(model, F.cross_entropy, (x, y)), ops.get("_curvlinops_op"),
+                      ops.get("_eigenthings_op"), truth, m, seeds, have)
+    def label(n: str) -> str:
+        return f"{n} @{m}" if n in PEERS else f"sgdlab {n} @{3 * m if n == 'hutchinson' else m}"
+
+    return {label(n): v for n, v in e.items()}
+
+
+OURS = ("hutch++", "krylov", "xtrace")
+PEERS = ("curvlinops hutch++", "eigenthings hutch++")
+
+
+def _trace_errors(make_op, curvlinops_op, eigenthings_op, truth: float, m: int, seeds: int, have: dict) -> dict:
+    """Mean relative trace error +- its standard error over ``seeds``: our estimators (``OURS``) at ``m``
+    products on ``make_op()``, our Hutchinson at ``3 m``, and the peers' Hutch++ (``PEERS``) at ``m`` on their
+    own operators, each peer that is installed and given one."""
     errs: dict[str, list[float]] = {}
 
     def add(name, value):
         errs.setdefault(name, []).append(abs(float(value) - truth) / abs(truth))
 
-    for seed in range(seeds):
-        op = HessianOperator(model, F.cross_entropy, (x, y))
-        add(f"sgdlab hutch++ @{m}", estimate_trace(op, method="hutch++", num_matvecs=m, seed=seed).value)
-        add(f"sgdlab krylov @{m}", estimate_trace(op, method="krylov", num_matvecs=m, seed=seed).value)
-        add(f"sgdlab xtrace @{m}", estimate_trace(op, method="xtrace", num_matvecs=m, seed=seed).value)
-        add(f"sgdlab hutchinson @{3 * m}",
-            estimate_trace(op, method="hutchinson", num_matvecs=3 * m, seed=seed).value)
-        if "curvlinops" in have:
-            torch.manual_seed(seed)
-            add(f"curvlinops hutch++ @{m}", have["curvlinops"].hutchpp_trace(ops["_curvlinops_op"], m))
-        if "eigenthings" in have:
-            res = have["eigenthings"].hutch_plus_plus(ops["_eigenthings_op"], num_matvecs=m, seed=seed)
-            add(f"eigenthings hutch++ @{m}", res.estimate)
+    for s in range(seeds):
+        op = make_op()
+        for method in OURS + ("hutchinson",):
+            mm = 3 * m if method == "hutchinson" else m
+            add(method, estimate_trace(op, method=method, num_matvecs=mm, seed=s).value)
+        if "curvlinops" in have and curvlinops_op is not None and m % 3 == 0:
+            torch.manual_seed(s)
+            add(PEERS[0], have["curvlinops"].hutchpp_trace(curvlinops_op, m))
+        if "eigenthings" in have and eigenthings_op is not None:
+            add(PEERS[1], have["eigenthings"].hutch_plus_plus(eigenthings_op, num_matvecs=m, seed=s).estimate)
     return {n: (float(np.mean(e)), float(np.std(e, ddof=1) / math.sqrt(len(e))) if len(e) > 1 else math.inf)
             for n, e in errs.items()}
 
@@ -303,24 +317,10 @@ class Dense:
 
 
 def dense_trace_errors(a: np.ndarray, truth: float, m: int, seeds: int, have: dict) -> dict:
-    """Mean relative trace error +- its standard error over ``seeds`` on the dense matrix ``a``: our estimators
-    at ``m`` products, our Hutchinson at ``3 m`` and the peers' Hutch++ at ``m`` (products are exact float64,
+    """``_trace_errors`` on the dense matrix ``a``, for every estimator and peer (products are exact float64,
     so with many seeds the comparison is limited by the probes alone)."""
     op = Dense(a)
-    errs: dict[str, list[float]] = {}
-
-    def add(name, value):
-        errs.setdefault(name, []).append(abs(float(value) - truth) / abs(truth))
-
-    for s in range(seeds):
-        for method, mm in (("hutch++", m), ("krylov", m), ("xtrace", m), ("hutchinson", 3 * m)):
-            add(method, estimate_trace(op, method=method, num_matvecs=mm, seed=s).value)
-        if "curvlinops" in have and m % 3 == 0:
-            torch.manual_seed(s)
-            add("curvlinops hutch++", have["curvlinops"].hutchpp_trace(op.a, m))
-        if "eigenthings" in have:
-            add("eigenthings hutch++", have["eigenthings"].hutch_plus_plus(op, num_matvecs=m, seed=s).estimate)
-    return {n: (float(np.mean(e)), float(np.std(e, ddof=1) / math.sqrt(len(e)))) for n, e in errs.items()}
+    return _trace_errors(lambda: op, op.a, op, truth, m, seeds, have)
 
 
 def crossover(w: np.ndarray, u: np.ndarray, budgets: list[int], seeds: int, floor: np.ndarray,
@@ -336,7 +336,7 @@ def crossover(w: np.ndarray, u: np.ndarray, budgets: list[int], seeds: int, floo
             continue
         row = dense_trace_errors(a, truth, m, seeds, have or {})
         h3 = row.pop("hutchinson")
-        peer_rows = {k: row.pop(k) for k in list(row) if " " in k}
+        peer_rows = {k: row.pop(k) for k in PEERS if k in row}
         best, _ = attainable(floor, m)
         print(f"    m = {m}: hutchinson@{3 * m} {h3[0]:.2e} +- {h3[1]:.1e}; " + ", ".join(
             f"{k} {v:.2e} +- {se:.1e} ({_vs((v, se), h3)})" for k, (v, se) in row.items())
