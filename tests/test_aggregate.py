@@ -83,3 +83,24 @@ def test_curve_interpolates_wall_clock_series():
     grid, ys = agg.curve(trials, "train_loss", "time", points=3)
     assert grid.tolist() == [0.0, 1.0, 2.0]
     assert ys[0].tolist() == [2.0, 1.0, 0.0] and ys[1].tolist() == [4.0, 2.0, 1.0]
+
+
+def test_metrics_and_json_readers_name_the_damaged_file(tmp_path):
+    from sgdlab.errors import ConfigError
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 0, "train_loss": null}\n{"step": 10, "train_loss": 1.5}\n{"step": 20, "tr')
+    rows = agg.read_metrics(tmp_path)  # a torn last line (no newline: a killed run) is dropped, as resume does
+    assert [r["step"] for r in rows] == [0, 10] and math.isnan(rows[0]["train_loss"])
+    f.write_text('{"step": 0}\nnot json\n{"step": 10}\n')
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl:2: not a JSON line"):
+        agg.read_metrics(tmp_path)
+    j = tmp_path / "summary.json"
+    for text, match in [('{"status": "compl', r"summary\.json:1: not valid JSON"),
+                        ("[1, 2]", r"summary\.json: expected a JSON object, got list")]:
+        j.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            agg.read_json_object(j)
+    j.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=r"summary\.json: not UTF-8"):
+        agg.read_json_object(j)

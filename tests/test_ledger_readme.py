@@ -44,3 +44,21 @@ def test_a_result_under_a_revised_protocol_is_marked(tmp_path):
         same = (dst / "protocol.yaml").read_text() == shipped_text
         assert all(bool(c.get("stale")) == (not same) for c in claims)
         assert not edit or all(c.get("stale") for c in claims)
+
+
+def test_recompute_on_a_truncated_table_names_its_line(tmp_path, capsys):
+    import shutil
+
+    import pytest
+
+    from sgdlab.cli import main
+
+    src = ROOT / "results" / "srs"
+    if not (src / "trials.csv").is_file():
+        pytest.skip("no committed srs results to copy")
+    dst = Path(shutil.copytree(src, tmp_path / "srs"))
+    (dst / "trials.csv").write_bytes((src / "trials.csv").read_bytes()[:150])
+    assert main(["ledger", "--results", str(tmp_path), "--recompute"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sgdlab: error: {dst / 'trials.csv'}:") and err.count("\n") == 1
+    assert "Traceback" not in err

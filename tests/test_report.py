@@ -83,3 +83,73 @@ def test_cli_report(sweep_dir, tmp_path, capsys):
     assert main(["report", str(sweep_dir), "--baseline", "label=optim.lr=0.1", "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").is_file()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def _cut(b: bytes) -> bytes:
+    return b[: len(b) // 2]
+
+
+def _one_line_error(capsys, f) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("sgdlab: error: ") and err.count("\n") == 1, err
+    assert str(f) in err and "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def run_copy(sweep_dir, tmp_path):
+    """One trial of the sweep, copied: a single run folder (config.yaml, summary.json, metrics.jsonl)."""
+    src = sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").is_file())[0]
+    return Path(shutil.copytree(src, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("config.yaml", lambda b: b"seed: [\n"),
+    ("config.yaml", lambda b: b"- a\n"),
+    ("config.yaml", lambda b: b"\xff\xfe"),
+    ("summary.json", _cut),
+    ("summary.json", lambda b: b"[1,2]"),
+    ("metrics.jsonl", lambda b: b + b"garbage\n"),
+    ("metrics.jsonl", lambda b: b"garbage\n" + b),
+], ids=["yaml-syntax", "yaml-list", "yaml-bytes", "summary-cut", "summary-list", "metrics-tail", "metrics-head"])
+def test_report_on_a_damaged_run_is_one_line_naming_the_file(run_copy, name, damage, capsys):
+    from sgdlab.cli import main
+
+    f = run_copy / name
+    f.write_bytes(damage(f.read_bytes()))
+    assert main(["report", str(run_copy)]) == 2
+    _one_line_error(capsys, f)
+
+
+@pytest.mark.parametrize("where,damage", [
+    ("sweep.json", _cut),
+    ("sweep.json", lambda b: b"[]"),
+    ("sweep.json", lambda b: b'{"trials": [1]}'),
+    ("TRIAL/summary.json", _cut),
+    ("TRIAL/metrics.jsonl", lambda b: b + b"garbage\n"),
+], ids=["manifest-cut", "manifest-list", "manifest-trial", "summary-cut", "metrics-garbage"])
+def test_report_on_a_damaged_sweep_is_one_line_naming_the_file(sweep_dir, tmp_path, where, damage, capsys):
+    from sgdlab.cli import main
+
+    d = Path(shutil.copytree(sweep_dir, tmp_path / "s"))
+    trial = sorted(p.name for p in d.iterdir() if (p / "summary.json").is_file())[0]
+    f = d / where.replace("TRIAL", trial)
+    f.write_bytes(damage(f.read_bytes()))
+    assert main(["report", str(d), "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, f)
+
+
+def test_a_torn_last_metrics_line_is_dropped_in_a_run_and_in_a_sweep(sweep_dir, run_copy, tmp_path):
+    """A run killed while writing its last row leaves it without a newline; resume drops it, so do reports."""
+    from sgdlab.experiments import aggregate as agg
+    from sgdlab.experiments.report import run_trial
+
+    n = len(run_trial(run_copy)["rows"])
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "train_lo')
+    assert len(run_trial(run_copy)["rows"]) == n
+    d = Path(shutil.copytree(sweep_dir, tmp_path / "s"))
+    before = {t["name"]: len(t["rows"]) for t in agg.load_trials(d)}
+    with open(d / next(iter(before)) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "train_lo')
+    assert {t["name"]: len(t["rows"]) for t in agg.load_trials(d)} == before

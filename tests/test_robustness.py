@@ -528,3 +528,129 @@ def _alive(pid):
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
     except (OSError, IndexError):
         return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-edited states and finished runs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("pool", lambda p: torch.full_like(p, -1), "outside"),
+    ("pool", lambda p: p.clone().fill_(100), "outside"),
+    ("pool", lambda p: p.double(), "integer example indices"),
+    ("cursor", lambda c: -1, "cursor"),
+    ("cursor", lambda c: 100, "cursor"),
+    ("cursor", lambda c: 10**30, "cursor"),
+    ("steps", lambda s: -5, "steps"),
+    ("steps", lambda s: 2.5, "steps"),
+    ("steps", lambda s: True, "steps"),
+])
+def test_srs_state_with_an_impossible_position_is_refused(key, value, match):
+    from sgdlab.sampling import SequencedReplacementSampler
+
+    s = SequencedReplacementSampler(100, 10, seed=1)
+    for _ in range(3):
+        s.next_batch()
+    good = s.state_dict()
+    fresh = SequencedReplacementSampler(100, 10, seed=1)
+    fresh.load_state_dict(good)  # the saved state itself loads and continues the stream
+    assert torch.equal(fresh.next_batch().indices, s.next_batch().indices)
+    bad = dict(good, **{key: value(good[key])})
+    other = SequencedReplacementSampler(100, 10, seed=1)
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("edit", ["srs_pool", "negative_step"])
+def test_resume_refuses_a_hand_edited_checkpoint_with_valid_checksums(tmp_path, capsys, edit):
+    d = _interrupted_run(tmp_path, sampler={"name": "srs", "batch_size": 50})
+    path = d / "checkpoints/last.pt"
+    st = torch.load(path, weights_only=True)
+    if edit == "srs_pool":
+        st["source"]["pool"] = torch.full_like(st["source"]["pool"], -1)
+    else:
+        st["step"] = -5
+    torch.save(st, path)  # torch writes fresh CRC32s, so only the contents can give it away
+    rows = len(_rows(d))
+    assert main(["resume", str(d), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "does not fit" in err
+    assert ("outside" in err) if edit == "srs_pool" else ("non-negative" in err)
+    assert len(_rows(d)) == rows  # nothing trained
+
+
+def test_resume_of_a_completed_run_still_checks_the_folder(tmp_path, capsys):
+    d = tmp_path / "done"
+    train.run(dict(TINY, duration="20 steps", eval={"every": 0}), d, quiet=True)
+    assert main(["resume", str(d), "--quiet"]) == 0  # complete and intact: nothing to do
+    capsys.readouterr()
+    only = tmp_path / "only_summary"
+    only.mkdir()
+    (only / "summary.json").write_text((d / "summary.json").read_text())
+    assert main(["resume", str(only)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["resume", str(d), "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err
+    blob = (d / "checkpoints/last.pt").read_bytes()
+    (d / "checkpoints/last.pt").write_bytes(blob[: len(blob) // 3])
+    assert main(["resume", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.pt" in err and "Traceback" not in err
+
+
+def test_init_from_another_architecture_is_refused_by_check_and_run(tmp_path, capsys):
+    src = tmp_path / "mlp"
+    train.run(dict(TINY, duration="20 steps", eval={"every": 0}), src, quiet=True)
+    cnn = dict(TINY, duration="20 steps", eval={"every": 0}, model={"name": "cnn1d"},
+               checkpoint={"every": 0, "init_from": str(src)})
+    cfg = _write(tmp_path / "cnn.yaml", cnn)
+    assert main(["check", str(cfg)]) == 2
+    assert "none of this model's" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "none of this model's" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    same = _write(tmp_path / "mlp.yaml", dict(cnn, model=TINY["model"]))
+    assert main(["check", str(same)]) == 0
+    assert "init_from: 4 tensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch-size", "0"], "batch-size must be a positive integer"),
+    (["--batch-size", "-3"], "batch-size must be a positive integer"),
+    (["--seed", "99999999999999999999"], "seed must be an integer in"),
+    (["--seed", "-1"], "seed must be an integer in"),
+])
+def test_analyze_refuses_bad_batch_size_and_seed_by_name(tmp_path, capsys, args, match):
+    d = tmp_path / "run"
+    d.mkdir()
+    assert main(["analyze", "hessian", str(d), *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+    f = tmp_path / "tiny.yaml"
+    f.write_text("seed: 1\n")
+    assert main(["analyze", "hessian", str(f)]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+
+
+def test_sweep_cli_refuses_a_bad_baseline_before_any_trial_runs(tmp_path, capsys):
+    cfg = _write(tmp_path / "c.yaml", dict(TINY, duration="20 steps", eval={"every": 0}))
+    out = tmp_path / "s"
+    assert main(["sweep", str(cfg), "--grid", "optim.lr=0.01,0.02", "--baseline", "x=y", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "no group has x=y" in capsys.readouterr().err
+    assert not out.exists()  # refused before the folder, let alone a trial
+
+
+@pytest.mark.parametrize("kind", ["hessian", "sharpness", "noise"])
+def test_analyze_a_diverged_checkpoint_says_its_loss_is_not_finite(tmp_path, capsys, kind):
+    d = tmp_path / "run"
+    train.run(dict(TINY, duration="20 steps", eval={"every": 0}), d, quiet=True)
+    path = d / "checkpoints/last.pt"
+    st = torch.load(path, weights_only=True)
+    st["model"] = {k: torch.full_like(v, float("nan")) for k, v in st["model"].items()}
+    torch.save(st, path)
+    assert main(["analyze", kind, str(d), "--examples", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss of" in err and "is nan on the first 50 examples" in err
+    assert not (d / "analysis").exists() or not any((d / "analysis").iterdir())

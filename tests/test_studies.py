@@ -318,3 +318,34 @@ def test_an_installed_wheel_finds_the_shipped_protocols(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert protocol.studies_dir() == share
     assert protocol.find_protocol("srs") == share / "srs.yaml" and "shake" in protocol.shipped()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t[: t.index("\n", t.index("\n") + 1) + 12], r"trials\.csv:3: fewer cells"),
+    (lambda t: t.replace("0.25", "abc", 1), r"trials\.csv:2: test_error: not a number \('abc'\)"),
+    (lambda t: t.replace("a,0,", "a,zero,", 1), r"trials\.csv:2: seed: not an integer"),
+    (lambda t: t.replace("0.25", "0.25,7", 1), r"trials\.csv:2: more cells"),
+    (lambda t: t.replace("seed,", "", 1), r"trials\.csv:1: the header lacks the column\(s\) seed"),
+], ids=["cut", "not-a-number", "seed", "extra-cell", "header"])
+def test_a_damaged_table_names_its_line(tmp_path, edit, match):
+    path = tmp_path / "trials.csv"
+    rows = [{"arm": "a", "seed": "0", "status": "completed", "test_error": "0.25", "wall_time": ""},
+            {"arm": "b", "seed": "1", "status": "completed", "test_error": "0.5", "wall_time": "3.0"}]
+    studies.write_table(rows, path)
+    assert studies.read_table(path)[1] == {"arm": "b", "seed": 1, "status": "completed", "test_error": 0.5,
+                                           "wall_time": 3.0}
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ConfigError, match=match):
+        studies.read_table(path)
+
+
+def test_ledger_of_a_missing_results_folder_exits_2(tmp_path, capsys):
+    for root in (tmp_path / "nowhere", tmp_path / "file"):
+        if root.name == "file":
+            root.write_text("x")
+        assert main(["ledger", "--results", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sgdlab: error: {root}: ") and err.count("\n") == 1 and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["ledger", "--results", str(tmp_path / "empty")]) == 0
+    assert "no study results" in capsys.readouterr().out

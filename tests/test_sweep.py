@@ -157,3 +157,39 @@ def test_in_process_trials_run_on_one_thread_like_the_workers(tmp_path):
     a = torch.load(trial / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_as_a_grid_key_is_refused(tmp_path, capsys):
+    """--seeds sets every trial's seed, so a seed grid would give groups of identical runs."""
+    from sgdlab.cli import main
+
+    with pytest.raises(ConfigError, match=r"grid key 'seed'.*--seeds"):
+        sw.plan(TINY, sw.grid_points({"seed": [1, 2]}), 2)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    assert main(["sweep", str(cfg_path), "--grid", "seed=1,2", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sgdlab: error: ") and "'seed'" in err and "--seeds" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_many_trials_are_refused_before_planning(tmp_path, capsys):
+    from sgdlab.cli import main
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    assert main(["sweep", str(cfg_path), "--seeds", "10000000000", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sgdlab: error: ") and "--seeds" in err and "100,000" in err
+    with pytest.raises(ConfigError, match="--grid"):
+        sw.grid_points({f"k{i}": list(range(10)) for i in range(6)})  # 10**6 points
+    with pytest.raises(ConfigError, match="--seeds/--grid"):
+        sw.plan(TINY, sw.grid_points({"optim.lr": [0.1, 0.2]}), 60_000)
+
+
+def test_bad_baseline_is_refused_before_any_trial_runs(tmp_path):
+    points = sw.grid_points({"optim.lr": [0.1, 0.2]})
+    for baseline in ("x=y", "optim.lr=0.3", "label=nope", "nokey"):
+        with pytest.raises(ConfigError, match="--baseline"):
+            sw.run_sweep(TINY, points, 1, tmp_path / "s", progress=False, baseline=baseline)
+    assert not (tmp_path / "s").exists()

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
+from ..errors import ConfigError
+
 __all__ = [
     "Difference",
     "Stats",
@@ -33,6 +35,8 @@ __all__ = [
     "curve",
     "group_values",
     "load_trials",
+    "read_json_object",
+    "read_metrics",
     "summarize",
     "trial_metrics",
 ]
@@ -189,19 +193,47 @@ def bootstrap_function(samples: Sequence, fn: Callable[[list[np.ndarray]], float
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def read_json_object(path) -> dict:
+    """The JSON object in ``path`` (a ``summary.json``, ``sweep.json``, ...).
+
+    A damaged file (cut short, not UTF-8, not JSON, not an object) raises :class:`ConfigError`
+    ``path[:line]: reason``, which the CLI prints as one line with exit code 2.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; cut short or edited?)") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, deep nesting
+        raise ConfigError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200] or type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` ([] if there is none), non-finite numbers (written as null) as NaN.
+
+    Read as ``sgdlab resume`` reads them: a last line without its newline (a run killed while writing it)
+    is dropped; any other bad line raises :class:`ConfigError` ``path:line: reason``.
+    """
+    from ..train.engine import _read_rows
+
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                # metrics.jsonl writes non-finite numbers as null (strict JSON); read them back as NaN
-                rows.append({k: float("nan") if v is None else v for k, v in json.loads(line).items()})
-            except json.JSONDecodeError:  # a torn last line of a killed run
-                pass
-    return rows
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = _read_rows(f, path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (offset {e.start})") from None
+    # metrics.jsonl writes non-finite numbers as null (strict JSON); read them back as NaN
+    return [{k: float("nan") if v is None else v for k, v in row.items()} for row in rows]
 
 
 def load_trials(sweep_dir) -> list[dict]:
@@ -210,23 +242,27 @@ def load_trials(sweep_dir) -> list[dict]:
     Each trial dict holds ``name``, ``label`` (its group), ``overrides``, ``seed``, ``dir`` (absolute),
     ``status`` (from its ``summary.json``: completed, nonfinite, or missing/interrupted),
     ``summary`` and ``rows`` (the ``metrics.jsonl`` rows) and ``extra`` (``analysis/study.json`` if any).
+    A damaged file raises :class:`ConfigError` naming it.
     """
     sweep_dir = Path(sweep_dir)
     manifest = sweep_dir / "sweep.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{sweep_dir}: no sweep.json (not a sweep directory)")
-    meta = json.loads(manifest.read_text())
+    meta = read_json_object(manifest)
+    trials = meta.get("trials")
+    if not isinstance(trials, list):
+        raise ConfigError(f"{manifest}: not a sweep manifest (no 'trials' list)")
     out = []
-    for t in meta["trials"]:
+    for i, t in enumerate(trials):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            raise ConfigError(f"{manifest}: trials[{i}] is not a trial (an object with a 'name')")
         d = sweep_dir / t["name"]
-        summary = {}
-        if (d / "summary.json").is_file():
-            summary = json.loads((d / "summary.json").read_text())
+        summary = read_json_object(d / "summary.json") if (d / "summary.json").is_file() else {}
         extra = {}
         if (d / "analysis" / "study.json").is_file():
-            extra = json.loads((d / "analysis" / "study.json").read_text())
+            extra = read_json_object(d / "analysis" / "study.json")
         status = summary.get("status") or ("interrupted" if (d / "config.yaml").is_file() else "missing")
-        out.append(dict(t, dir=str(d), summary=summary, rows=_read_rows(d), status=status, extra=extra))
+        out.append(dict(t, dir=str(d), summary=summary, rows=read_metrics(d), status=status, extra=extra))
     return out
 
 

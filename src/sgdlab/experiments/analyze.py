@@ -100,8 +100,20 @@ def _world_size(run_dir: Path) -> int:
     return 1
 
 
+def _check_finite_loss(kind: str, run_dir: Path, model, loss_fn, batches) -> None:
+    """ConfigError if the model's loss on the first batch is not finite (diverged or damaged weights): every
+    analysis differentiates that loss, and NaN would surface as a solver's message about its own input."""
+    x, y = batches[0]
+    with torch.no_grad():
+        loss = float(loss_fn(model(x), y))
+    if not math.isfinite(loss):
+        raise ConfigError(f"analyze {kind}: the loss of {run_dir}'s checkpoint is {loss} on the first {x.shape[0]} "
+                          "examples; its weights are not finite or have diverged, so there is nothing to analyse")
+
+
 def _check_options(kind: str, *, split: str, max_examples, k: int, eps, num_samples: int, trace_method: str,
-                   blocks, curvature: str, data_resamples: int, num_pairs: int, noise_batch_sizes) -> None:
+                   blocks, curvature: str, data_resamples: int, num_pairs: int, noise_batch_sizes,
+                   batch_size: int = 1000, seed: int = 0) -> None:
     """One-line ``ConfigError`` naming the option for every bad value (the CLI exits 2 on it)."""
 
     def bad(opt: str, why: str):
@@ -113,6 +125,10 @@ def _check_options(kind: str, *, split: str, max_examples, k: int, eps, num_samp
         bad("examples", f"must be a positive integer, got {max_examples!r}")
     if int(k) != k or k < 1:
         bad("k", f"must be a positive integer, got {k!r}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        bad("batch-size", f"must be a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**63:
+        bad("seed", f"must be an integer in [0, 2^63), got {seed!r}")
     if not eps or any(not (float(e) > 0 and math.isfinite(float(e))) for e in eps):
         bad("eps", f"must be positive finite numbers, got {list(eps)!r}")
     if trace_method not in analysis.estimators.TRACE_METHODS:
@@ -176,7 +192,7 @@ def main(
         raise ConfigError(f"analyze: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     _check_options(kind, split=split, max_examples=max_examples, k=k, eps=eps, num_samples=num_samples,
                    trace_method=trace_method, blocks=blocks, curvature=curvature, data_resamples=data_resamples,
-                   num_pairs=num_pairs, noise_batch_sizes=noise_batch_sizes)
+                   num_pairs=num_pairs, noise_batch_sizes=noise_batch_sizes, batch_size=batch_size, seed=seed)
     dirs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(d) for d in run_dirs]
     need = 2 if kind == "interpolate" else 1
     if len(dirs) != need:
@@ -185,7 +201,8 @@ def main(
         )
     for d in dirs:
         if not d.is_dir():
-            raise ConfigError(f"analyze {kind}: run directory {d} does not exist")
+            what = "is a file, not a run directory" if d.exists() else "does not exist"
+            raise ConfigError(f"analyze {kind}: run directory {d} {what}")
     if loader is None:
         from sgdlab.train import load_run as loader  # noqa: N813
         from sgdlab.train.engine import CHECKPOINT
@@ -198,6 +215,8 @@ def main(
     cfg, model, ds = runs[0]
     xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
     train = _subset(xs, ys, max_examples, batch_size, seed)
+    for d, (_, m, _) in zip(dirs, runs):
+        _check_finite_loss(kind, d, m, loss_fn, train)
     out_dir = dirs[0] / "analysis"
     written: list[str] = []
     t0 = time.perf_counter()

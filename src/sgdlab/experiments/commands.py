@@ -25,7 +25,8 @@ def _cmd_sweep(args) -> int:
 
         config = apply_overrides(read_raw_config(Path(args.config)), args.overrides)
     m = run_sweep(config, grid_points(grid) if grid else None, args.seeds, out, jobs=args.jobs,
-                  backend=args.backend, address=args.address, progress=not args.quiet)
+                  backend=args.backend, address=args.address, progress=not args.quiet,
+                  baseline=None if args.no_report else args.baseline)
     c = m["counts"]
     print(f"{out}: {len(m['trials'])} trials; ran {c.get('ran', 0)}, resumed {c.get('resumed', 0)}, "
           f"skipped {c.get('skipped', 0)}, failed {c.get('failed', 0)}")

@@ -22,10 +22,13 @@ LEDGER_HEADERS = ["study", "claim", "estimate", "95% CI", "SESOI", "seeds", "Hol
 
 
 def study_dirs(root) -> list[Path]:
-    """Subfolders of ``root`` holding a study's ``protocol.yaml`` and ``trials.csv``, by name."""
+    """Subfolders of ``root`` holding a study's ``protocol.yaml`` and ``trials.csv``, by name.
+
+    ConfigError if ``root`` is missing or not a folder (an empty folder has no studies)."""
     root = Path(root)
     if not root.is_dir():
-        return []
+        why = "is a file, not a folder" if root.exists() else "no such folder"
+        raise ConfigError(f"{root}: {why} (the results folder that `sgdlab study NAME` writes)")
     return sorted(d for d in root.iterdir() if (d / "protocol.yaml").is_file() and (d / "trials.csv").is_file())
 
 
@@ -38,6 +41,7 @@ def _num(v: float | None, digits: int = 3) -> str:
 def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> dict[str, dict]:
     """Recompute the verdicts of every study under ``root`` (or the folders ``only``) from their tables;
     with ``write``, rewrite each ``verdicts.json`` and ``report.md``. Returns ``{study: result}``."""
+    from .aggregate import read_json_object
     from .studies import finish, read_table, verdicts_from_tables
 
     dirs = list(only) if only is not None else study_dirs(root)
@@ -46,7 +50,7 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
     contexts: dict[str, dict] = {}
     for d in dirs:
         proto, _, sha = load_protocol(d / "protocol.yaml")
-        ctx = json.loads((d / "context.json").read_text()) if (d / "context.json").is_file() else {}
+        ctx = read_json_object(d / "context.json") if (d / "context.json").is_file() else {}
         if ctx.get("protocol_sha256") not in (None, sha):
             raise ConfigError(f"{d}: protocol.yaml differs from the one that ran (hash {ctx['protocol_sha256'][:12]})")
         pilot = read_table(d / "pilot.csv") if (d / "pilot.csv").is_file() else None

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError
+from ..train.config import read_raw_config
 from . import aggregate as agg
 
 __all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report", "metric_names"]
@@ -151,7 +152,7 @@ def _trial_config(t: dict) -> dict:
         return t["config"]
     path = Path(t.get("dir", "")) / "config.yaml"
     if path.is_file():
-        return yaml.safe_load(path.read_text()) or {}
+        return read_raw_config(path)  # ConfigError naming the file if it is damaged
     return {}
 
 
@@ -391,15 +392,15 @@ def check_metrics(metrics: Sequence[str], trials: Sequence[dict] = ()) -> None:
 
 
 def run_trial(run_dir) -> dict:
-    """One run directory as a report trial: labelled by the config's ``name``, else the directory name."""
-    import json
+    """One run directory as a report trial: labelled by the config's ``name``, else the directory name.
 
+    Its files are read as ``sgdlab resume`` and sweep reports read them: a damaged ``config.yaml``,
+    ``summary.json`` or ``metrics.jsonl`` raises :class:`ConfigError` naming the file (and line).
+    """
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    rows = []
-    if (run_dir / "metrics.jsonl").is_file():
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cfg = read_raw_config(run_dir / "config.yaml")
+    summary = agg.read_json_object(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    rows = agg.read_metrics(run_dir)
     status = summary.get("status") or "interrupted"
     return {"name": run_dir.name, "label": cfg.get("name") or run_dir.resolve().name, "overrides": {},
             "seed": cfg.get("seed", 0), "dir": str(run_dir), "config": cfg, "summary": summary, "rows": rows,

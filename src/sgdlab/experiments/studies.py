@@ -208,13 +208,45 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def read_table(path: Path) -> list[dict]:
-    """A table written by :func:`write_table` (seed as int, metric cells as float or None)."""
+    """A table written by :func:`write_table` (seed as int, metric cells as float or None).
+
+    A damaged table (cut short, a missing column, a cell that is not a number) raises
+    :class:`ConfigError` ``path:line: reason``.
+    """
+    path = Path(path)
     out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict = {"arm": r.pop("arm"), "seed": int(r.pop("seed")), "status": r.pop("status")}
-            row.update({k: (float(v) if v != "" else None) for k, v in r.items()})
-            out.append(row)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            try:
+                header = reader.fieldnames
+                if header is None:
+                    return out  # write_table of no rows writes an empty file
+                missing = [c for c in ("arm", "seed", "status") if c not in header]
+                if missing:
+                    raise ConfigError(f"{path}:1: the header lacks the column(s) {', '.join(missing)}")
+                for r in reader:
+                    line = reader.line_num
+                    if None in r:
+                        raise ConfigError(f"{path}:{line}: more cells than the header's {len(header)}")
+                    if None in r.values():
+                        raise ConfigError(f"{path}:{line}: fewer cells than the header's {len(header)} "
+                                          f"(the table is cut short?)")
+                    try:
+                        seed = int(r.pop("seed"))
+                    except ValueError:
+                        raise ConfigError(f"{path}:{line}: seed: not an integer") from None
+                    row: dict = {"arm": r.pop("arm"), "seed": seed, "status": r.pop("status")}
+                    for k, v in r.items():
+                        try:
+                            row[k] = float(v) if v != "" else None
+                        except ValueError:
+                            raise ConfigError(f"{path}:{line}: {k}: not a number ({v[:40]!r})") from None
+                    out.append(row)
+            except csv.Error as e:
+                raise ConfigError(f"{path}:{reader.line_num}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (offset {e.start})") from None
     return out
 
 

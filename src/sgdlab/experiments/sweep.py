@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _MAX_NAME = 100
+_MAX_TRIALS = 100_000  # a sweep plans (and validates) every trial up front; more is a typo, not a sweep
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,18 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
 
 
 def grid_points(grid: Mapping[str, Sequence]) -> list[Point]:
-    """The cross product of the grid's values, in the order given (last key varies fastest)."""
+    """The cross product of the grid's values, in the order given (last key varies fastest).
+
+    More than 100,000 points raise :class:`~sgdlab.errors.ConfigError` (before the list is built).
+    """
     keys = list(grid)
+    n = 1
+    for k in keys:
+        n *= len(grid[k])
+    if n > _MAX_TRIALS:
+        sizes = " x ".join(str(len(grid[k])) for k in keys)
+        raise ConfigError(f"--grid: {n:,} grid points ({sizes}) exceed the limit of {_MAX_TRIALS:,} trials "
+                          f"per sweep; use fewer values")
     return [Point(dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -155,17 +166,29 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
 
     Every trial's config is validated now, its model and sampler built on stand-ins (bad keys and option
     values raise :class:`~sgdlab.errors.ConfigError` before
-    anything runs); progress bars are switched off inside trials.
+    anything runs); progress bars are switched off inside trials. ``seed`` cannot be a grid key (the
+    trial's seed comes from ``seeds``), and a sweep has at most 100,000 trials.
     """
     from ..train.config import config_to_dict, dry_build, load_config
 
     base = _load_raw(config)
+    points = list(points) if points else [Point({})]
+    if not isinstance(seeds, int):
+        seeds = list(seeds)
+    n_seeds = seeds if isinstance(seeds, int) else len(seeds)
+    if len(points) * n_seeds > _MAX_TRIALS:
+        raise ConfigError(f"--seeds/--grid: {len(points) * n_seeds:,} trials ({len(points):,} grid points x "
+                          f"{n_seeds:,} seeds) exceed the limit of {_MAX_TRIALS:,} trials per sweep; "
+                          f"use fewer seeds or grid values")
     seed_list = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("seeds: need at least one seed")
     if len(set(seed_list)) != len(seed_list):
         raise ConfigError(f"seeds: repeated seeds in {seed_list}")
-    points = list(points) if points else [Point({})]
+    for p in points:
+        if "seed" in p.overrides:  # raw["seed"] below would silently replace the grid's value
+            raise ConfigError(f"grid key 'seed' (seed={_fmt(p.overrides['seed'])}) conflicts with --seeds, which "
+                              f"sets every trial's seed (0..N-1 per grid point); use --seeds N, not a seed grid")
     trials: list[Trial] = []
     names: set[str] = set()
     for p in points:
@@ -321,7 +344,7 @@ def _check_existing(out: Path, trials: list[Trial]) -> None:
 def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequence[int] = 1, out_dir="runs/sweep",
               *, jobs: int = 1, backend: str = "process", address: str | None = None, progress: bool = True,
               extra_manifest: dict | None = None, on_result: Callable[[Trial, dict], None] | None = None,
-              seed_major: bool = False, seed_keys: Sequence[str] = ()) -> dict:
+              seed_major: bool = False, seed_keys: Sequence[str] = (), baseline: str | None = None) -> dict:
     """Run every trial of ``config`` x ``points`` x ``seeds`` into ``out_dir``; return ``sweep.json``'s content.
 
     ``jobs`` worker processes (spawned when ``jobs > 1``, in this process when ``jobs == 1``) or, with
@@ -331,13 +354,18 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
     dict adds ``counts`` (trials per action: ran, resumed, skipped, failed). ``seed_major=True`` runs the
     trials seed by seed (every point of the first seed, then of the second, ...), so slow drift of the
     machine's load does not line up with the groups being compared. ``seed_keys``: config keys that
-    follow the trial seed too (see :func:`plan`).
+    follow the trial seed too (see :func:`plan`). ``baseline``: the report's ``--baseline``
+    (``key=value`` or ``label=NAME``), checked against the planned groups before any trial runs.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if backend not in ("process", "ray"):
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
     base, trials = plan(config, points, seeds, seed_keys=seed_keys)
+    if baseline is not None:
+        from .report import _parse_baseline
+
+        _parse_baseline(baseline, [t.manifest() for t in trials])
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory")

@@ -98,6 +98,18 @@ def _check_state(state: dict, kind: str, expected: dict) -> None:
             raise ValueError(f"state[{key!r}]={state.get(key)!r} does not match this sampler's {key}={value!r}")
 
 
+def _state_int(state: dict, key: str, lo: int, hi: int | None = None) -> int:
+    """``state[key]`` as an int in ``[lo, hi)`` (no upper end when ``hi`` is None); ValueError naming the key
+    otherwise, so that a damaged or hand-edited state cannot resume a sampler at an impossible position."""
+    v = state.get(key)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v >= hi):
+        where = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"state[{key!r}] must be an integer {where}, got {v!r}")
+    return int(v)
+
+
 class _DistinctSlots:
     """Stream of uniformly random subsets of ``size`` distinct integers in ``[0, n)``.
 
@@ -186,7 +198,7 @@ class _DistinctSlots:
         self.gen.set_state(state["generator"])
         if state["block"]:
             self._draw_block()
-            self._pos = int(state["pos"])
+            self._pos = _state_int(state, "pos", 0)
         else:
             self._block = None
             self._block_state = None
@@ -481,8 +493,8 @@ class EpochSampler(_BlindSampler):
             self._check_group()
         _check_state(state, "epoch", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                       "seed": self.seed, "drop_last": self.drop_last})
-        self._epoch = int(state["epoch"])
-        self._step = int(state["step"])
+        self._epoch = _state_int(state, "epoch", 0)
+        self._step = _state_int(state, "step", 0)
 
 
 class ReplacementSampler(_BlindSampler):
@@ -557,7 +569,7 @@ class ReplacementSampler(_BlindSampler):
         _check_state(state, "replacement", {"num_samples": self.num_samples,
                                             "global_batch": self.global_batch, "seed": self.seed})
         self._draws.load_state_dict(state["draws"])
-        self._steps = int(state["steps"])
+        self._steps = _state_int(state, "steps", 0)
 
 
 def _options(name: str, options: dict, allowed: set[str]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import Batch, register
-from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options
+from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _state_int
 
 __all__ = ["SequencedReplacementSampler"]
 
@@ -186,12 +186,18 @@ class SequencedReplacementSampler(_BlindSampler):
         _check_state(state, "srs", {"num_samples": self.num_samples, "global_batch": self.global_batch,
                                     "seed": self.seed, "order": self.order})
         pool = state["pool"]
-        if not isinstance(pool, torch.Tensor) or pool.shape != (self.num_samples,):
-            raise ValueError(f"state['pool'] must be a tensor of shape ({self.num_samples},)")
+        n = self.num_samples
+        if not isinstance(pool, torch.Tensor) or pool.shape != (n,):
+            raise ValueError(f"state['pool'] must be a tensor of shape ({n},)")
+        if pool.is_floating_point() or pool.is_complex() or pool.dtype == torch.bool:
+            raise ValueError(f"state['pool'] must hold integer example indices, got dtype {pool.dtype}")
+        if n and (int(pool.min()) < 0 or int(pool.max()) >= n):
+            raise ValueError(f"state['pool'] holds indices outside [0, {n}): min {int(pool.min())}, "
+                             f"max {int(pool.max())}")
+        steps, cursor = _state_int(state, "steps", 0), _state_int(state, "cursor", 0, max(n, 1))
         self._pool[:] = pool.to(torch.int64).numpy()
         self._draws.load_state_dict(state["draws"])
-        self._steps = int(state["steps"])
-        self._cursor = int(state["cursor"])
+        self._steps, self._cursor = steps, cursor
 
 
 @register("srs")

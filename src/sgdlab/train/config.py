@@ -33,6 +33,7 @@ MAX_DEPTH = 40
 MAX_NODES = 100_000
 MAX_INT = 2**63 - 1
 MAX_STEPS = 10**12
+MAX_THREADS = 4096  # torch CPU threads; torch.set_num_threads takes a C int
 
 
 def _bounded(value, where: str = "", depth: int = 0):
@@ -256,6 +257,8 @@ class Config(_Strict):
     def _threads(cls, v):
         if v != "auto" and v < 1:
             raise ValueError(f"threads must be 'auto' or a whole number >= 1, got {v!r}")
+        if v != "auto" and v > MAX_THREADS:
+            raise ValueError(f"threads must be 'auto' or at most {MAX_THREADS}, got {v!r}")
         return v
 
     @field_validator("device")
@@ -637,9 +640,14 @@ def read_raw_config(source) -> dict:
 _CLI_IMPORTS: list[str] = []
 
 
-def import_plugins(modules) -> None:
+def import_plugins(modules, source: str = "imports") -> None:
     """Import the user modules named in a config's ``imports`` (they register datasets, models, samplers or
-    loss transforms); modules are looked up on ``sys.path`` and in the current directory."""
+    loss transforms); modules are looked up on ``sys.path`` and in the current directory.
+
+    A module that cannot be imported (not found, an empty or relative name, or one that raises while it
+    is imported, a syntax error included) raises :class:`~sgdlab.errors.ConfigError` naming it and the
+    error; ``source`` (``imports`` or ``--import``) starts that message.
+    """
     if modules is None:
         return
     if isinstance(modules, str) or not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -649,18 +657,22 @@ def import_plugins(modules) -> None:
     import sys
 
     for name in modules:
+        if not name.strip():
+            raise ConfigError(f"{source}: cannot import {name!r} (empty module name)")
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.append(os.getcwd())
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ConfigError(f"imports: cannot import {name!r} ({e})") from None
+            raise ConfigError(f"{source}: cannot import {name!r} ({e})") from None
+        except Exception as e:  # the module itself fails: SyntaxError, a raise at import time, ...
+            raise ConfigError(f"{source}: cannot import {name!r} ({type(e).__name__}: {e})") from None
 
 
 def add_cli_imports(modules: list[str]) -> None:
     """Import ``modules`` now (``sgdlab --import``) and add them to the ``imports`` of every config loaded
     afterwards in this process, so the run directories record them for ``resume``, ``analyze`` and sweeps."""
-    import_plugins(list(modules))
+    import_plugins(list(modules), source="--import")
     _CLI_IMPORTS.extend(m for m in modules if m not in _CLI_IMPORTS)
 
 

@@ -40,7 +40,7 @@ from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
 from . import guard
-from .config import Config, config_to_dict, load_config, resume_drift
+from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift
 
 __all__ = ["run", "resume", "load_run", "build_dataset", "build_model", "per_example_loss", "evaluate"]
 
@@ -264,6 +264,9 @@ def _load_weights(model: torch.nn.Module, source: str) -> tuple[int, int]:
     state = state.get("model", state)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if own and not matched:  # a checkpoint of another architecture: fine-tuning from it would be a fresh start
+        raise ConfigError(f"checkpoint.init_from: {path} has none of this model's {len(own)} tensors (by name "
+                          "and shape); it holds another architecture")
     model.load_state_dict(matched, strict=False)
     return len(matched), len(own) - len(matched)
 
@@ -441,6 +444,7 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
     and raise :class:`~sgdlab.train.guard.RunInterrupted`. A run whose set-up fails leaves nothing behind
     that would block the next ``run`` into the same folder.
     """
+    _check_threads(threads)
     if resume:
         run_dir = Path(out_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -484,6 +488,13 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
             torch.distributed.destroy_process_group()
 
 
+def _check_threads(threads) -> None:
+    """The ``threads`` argument of :func:`run`/:func:`resume` (``--threads``): None or 1..MAX_THREADS."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise ConfigError(f"--threads: must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
+
+
 def _clean_failed_setup(run_dir: Path, created: bool) -> None:
     """Remove what a run that failed before its first metrics row or checkpoint wrote, so it blocks nothing."""
     jsonl = run_dir / "metrics.jsonl"
@@ -521,13 +532,20 @@ def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
     ``overrides`` (``["duration=300 epochs"]``) may extend the duration or change ``eval.every``,
     ``checkpoint.every`` and ``log.*``; a completed run extended this way continues.
     """
-    summary = Path(run_dir) / "summary.json"
+    run_dir = Path(run_dir)
+    summary = run_dir / "summary.json"
     if summary.is_file() and not overrides:
         try:
             done = json.loads(summary.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             done = {}
         if isinstance(done, dict) and done.get("status") == "completed":
+            # nothing to train, but the folder must still be the run it claims to be: a config that loads,
+            # a checkpoint that passes its checks and was written by that config, a valid thread count
+            if not (run_dir / "config.yaml").is_file():
+                raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+            _resume_config(run_dir, None)
+            _check_threads(threads)
             return done
     return run(None, run_dir, overrides=overrides, resume=True, quiet=quiet, threads=threads)
 
@@ -720,6 +738,8 @@ class _Run:
             ranks = st.get("rng_ranks")
             _set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
             self.step, self.elapsed, self.best = int(st["step"]), float(st["elapsed"]), dict(st["best"])
+            if self.step < 0 or self.step != st["step"] or not self.elapsed >= 0:
+                raise ValueError(f"step {st['step']!r} and elapsed {st['elapsed']!r} must be non-negative")
             self.acc_loss = st.get("acc_loss", torch.zeros(())).to(self.device)
             self.acc_n = int(st.get("acc_n", 0))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
