@@ -25,7 +25,9 @@ trained on MNIST-1D instead of Gaussian clusters, is a control for the data) it 
 - with ``--parts crossover``, the same trace comparison (peers included) on the dense float64 reference
   itself, where products are cheap enough for hundreds of seeds and budgets up to ``--crossover-budgets``,
   with each ratio "ours / theirs" and its 95% interval, and under every row the best case any deflated
-  estimator could reach (``deflation_floor``).
+  estimator could reach (``deflation_floor``);
+- with ``--parts split``, our Hutch++ and Krylov variant on the same dense reference with other splits of the
+  budget between sketch and probes (``--split-shares``), each against Hutchinson@3m.
 
 References are dense: the float64 Hessian by ``torch.func.hessian`` where it has at most ``--dense-max``
 parameters and no convolution, else assembled column by column from float64 HVPs of a float64 copy of the model; its top
@@ -346,6 +348,47 @@ def crossover(w: np.ndarray, u: np.ndarray, budgets: list[int], seeds: int, floo
                 f"{k} {_ratio(v, pe)} ({_vs(v, pe)})" for k, v in row.items()), flush=True)
 
 
+def splits(w: np.ndarray, u: np.ndarray, budgets: list[int], seeds: int, shares: list[float],
+           floor: np.ndarray | None = None) -> dict:
+    """Our Hutch++ and Krylov variant on the dense reference with the budget split otherwise than by default:
+    a share ``f`` of the ``m`` products goes to the low-rank part (Krylov: ``round(f m)`` Lanczos steps;
+    Hutch++: ``round(f m / 2)`` sketch vectors, each costing two products) and the rest to probes. Prints, and
+    returns as ``{m: {(method, share): (ratio, its standard error)}}``, each mean error over Hutchinson@3m's
+    with the delta-method interval of :func:`_ratio`. Asks whether a split other than the default (Hutch++
+    2/3, Krylov 1/2) would meet the first trace target where the default does not."""
+    a = (u * w) @ u.T
+    truth = float(w.sum())
+    op = Dense(a)
+    out: dict = {}
+    for m in budgets:
+        if 3 * m > len(w):
+            print(f"    m = {m}: 3m exceeds the dimension {len(w)}; skipped")
+            continue
+        errs: dict = {}
+        for s in range(seeds):
+            errs.setdefault("h3", []).append(estimate_trace(op, method="hutchinson", num_matvecs=3 * m, seed=s).value)
+            for f in shares:
+                for method, k in (("krylov", round(f * m)), ("hutch++", round(f * m / 2))):
+                    if 1 <= k <= {"krylov": m - 2, "hutch++": (m - 2) // 2}[method]:
+                        v = estimate_trace(op, method=method, num_matvecs=m, seed=s, sketch=k).value
+                        errs.setdefault((method, f), []).append(v)
+        stats = {key: (float(np.mean(np.abs(np.subtract(v, truth)))) / abs(truth),
+                       float(np.std(np.abs(np.subtract(v, truth)), ddof=1) / math.sqrt(len(v))) / abs(truth))
+                 for key, v in errs.items()}
+        h3 = stats.pop("h3")
+        out[m] = {}
+        for key, (mean, se) in stats.items():
+            r = mean / h3[0]
+            out[m][key] = (r, r * math.hypot(se / mean, h3[1] / h3[0]))
+        best = f"; best case {attainable(floor, m)[0]:.2f}x" if floor is not None and len(floor) >= m else ""
+        print(f"    m = {m}: hutchinson@{3 * m} {h3[0]:.2e} +- {h3[1]:.1e}{best}; error / Hutchinson@3m by the "
+              "share of products on the sketch:", flush=True)
+        for method in ("krylov", "hutch++"):
+            print(f"      {method}: " + ", ".join(f"{f:g} {_ratio(stats[(mm, f)], h3)}" for mm, f in stats if mm == method),
+                  flush=True)
+    return out
+
+
 def _ratio(ours: tuple[float, float], other: tuple[float, float]) -> str:
     """The ratio of two mean errors with a 95% interval (delta method on independent means)."""
     r = ours[0] / other[0]
@@ -374,8 +417,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", default="time,eig,trace",
                    help="which comparisons to run: time, eig, trace, and crossover (our trace estimators on the "
-                        "dense reference at --crossover-budgets; needs a reference computed in this run)")
+                        "dense reference at --crossover-budgets; needs a reference computed in this run), and "
+                        "split (their error against the share of products spent on the sketch, --split-shares)")
     p.add_argument("--crossover-budgets", default="30,90,150,300,450")
+    p.add_argument("--split-shares", default="0.1,0.2,0.3,0.4,0.5,0.67")
     p.add_argument("--reference-cache", help="file prefix to keep the dense reference spectra between runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -411,6 +456,13 @@ def main() -> None:
                 print(f"  trace error on the dense reference (exact float64 products), mean +- standard error over "
                       f"{args.seeds} seeds, each against Hutchinson@3m:")
                 crossover(ev, vecs, crossover_budgets, args.seeds, floor, have)
+        if "split" in parts:
+            if vecs is None:
+                print("  split: needs the dense reference computed in this run (not a cached one); skipped")
+            else:
+                print(f"  trace error by sketch share on the dense reference, {args.seeds} seeds:")
+                splits(ev, vecs, crossover_budgets, args.seeds, [float(f) for f in args.split_shares.split(",")],
+                       floor)
         vecs = None
         if not parts & {"time", "eig", "trace"}:
             continue

@@ -285,6 +285,46 @@ def test_xtrace_is_unbiased_uses_its_budget_and_beats_hutchpp_on_a_decaying_spec
     assert full.value == pytest.approx(4.5, rel=1e-10) and full.stderr == 0.0
 
 
+def test_trace_sketch_size_sets_the_split_validates_and_trades_deflation_for_probes():
+    """``sketch``: the default split is the explicit one, a sketch spanning the space is exact, bad values
+    name the argument, and the trade-off goes both ways: on a flat spectrum a small Krylov sketch (more
+    probes) has the lower error, on a fast-decaying one the default (more deflation) does."""
+    decaying = sym_with_eigs([100.0 / (i + 1) ** 2 for i in range(200)], seed=5)
+    flat = sym_with_eigs(list(np.linspace(1.0, 2.0, 200)), seed=6)
+    for method, default in (("hutch++", 40 // 3), ("krylov", 40 // 2)):
+        a = estimate_trace(MatrixOperator(decaying), method=method, num_matvecs=40, seed=3)
+        b = estimate_trace(MatrixOperator(decaying), method=method, num_matvecs=40, seed=3, sketch=default)
+        assert a.value == b.value and a.num_matvecs == b.num_matvecs == 40
+    small = sym_with_eigs([3.0, -1.0, 2.0, 0.5, 4.0], seed=1)
+    full = estimate_trace(MatrixOperator(small), method="krylov", num_matvecs=8, seed=0, sketch=6)
+    assert full.value == pytest.approx(8.5, rel=1e-10) and full.stderr == 0.0
+    b = torch.randn(30, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    low = estimate_trace(MatrixOperator(b @ b.T), method="hutch++", num_matvecs=12, seed=0, sketch=3)
+    assert low.value == pytest.approx(float(torch.sum(b * b)), rel=1e-9) and low.num_samples == 6
+    for method, bad in (("krylov", 0), ("krylov", 39), ("hutch++", 20), ("krylov", 2.5), ("krylov", True),
+                        ("xtrace", 5), ("hutchinson", 5)):
+        with pytest.raises(ValueError, match="sketch"):
+            estimate_trace(MatrixOperator(flat), method=method, num_matvecs=40, sketch=bad)
+
+    def mean_error(a, truth, sketch):
+        vals = np.array([estimate_trace(MatrixOperator(a), method="krylov", num_matvecs=40, seed=s,
+                                        sketch=sketch).value for s in range(200)])
+        err = np.abs(vals - truth)
+        return vals, err.mean(), err.std(ddof=1) / math.sqrt(len(err))
+
+    t_flat = float(torch.trace(flat))
+    vals, few, se_few = mean_error(flat, t_flat, 4)
+    _, dflt, se_dflt = mean_error(flat, t_flat, None)
+    assert abs(vals.mean() - t_flat) <= 4 * vals.std(ddof=1) / math.sqrt(len(vals))  # unbiased
+    # 36 probes against 20, and a smaller projection: projecting a near-multiple of the identity off a
+    # k-dimensional subspace adds about c^2 k of off-diagonal mass, which Rademacher probes do see (~2x here)
+    assert dflt - few > 3 * math.hypot(se_few, se_dflt)
+    t_dec = float(torch.trace(decaying))
+    _, few, se_few = mean_error(decaying, t_dec, 4)
+    _, dflt, se_dflt = mean_error(decaying, t_dec, None)
+    assert few - dflt > 3 * math.hypot(se_few, se_dflt)
+
+
 def _bench_curvature():
     import importlib.util
     from pathlib import Path
@@ -344,3 +384,20 @@ def test_benchmark_dense_trace_errors_exact_cases_and_ratio_interval():
     text = bench._ratio((2.0, 0.1), (4.0, 0.4))
     se = 0.5 * math.hypot(0.05, 0.1)
     assert text == f"0.50 [{0.5 - 1.96 * se:.2f}, {0.5 + 1.96 * se:.2f}]"
+
+
+def test_benchmark_splits_at_the_default_share_reproduce_the_default_estimators():
+    """``splits`` at Krylov's default share (1/2) and Hutch++'s (2/3) gives the ratios of the default
+    estimators' mean errors to Hutchinson@3m's, as the crossover harness computes them."""
+    bench = _bench_curvature()
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal((60, 60))
+    a = b @ b.T / 60 + np.diag(np.linspace(0.0, 3.0, 60))
+    w, u = np.linalg.eigh(a)
+    out = bench.splits(w, u, [12, 30], 6, [0.5, 0.67, 0.05])
+    assert set(out) == {12} and set(out[12]) == {("krylov", 0.5), ("hutch++", 0.5), ("krylov", 0.67),
+                                                 ("hutch++", 0.67), ("krylov", 0.05)}  # 30: 3m > 60; Hutch++ gets no sketch at 0.05
+    e = bench.dense_trace_errors(a, float(w.sum()), 12, 6, {})
+    assert out[12][("krylov", 0.5)][0] == pytest.approx(e["krylov"][0] / e["hutchinson"][0], rel=1e-9)
+    assert out[12][("hutch++", 0.67)][0] == pytest.approx(e["hutch++"][0] / e["hutchinson"][0], rel=1e-9)
+    assert all(se > 0 for _, se in out[12].values())

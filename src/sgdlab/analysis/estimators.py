@@ -395,6 +395,7 @@ def estimate_trace(
     rtol: float | None = None,
     min_samples: int = 10,
     data_resamples: int = 0,
+    sketch: int | None = None,
 ) -> TraceEstimate:
     """Estimate ``tr(A)`` of a symmetric operator with ``num_matvecs`` products.
 
@@ -407,6 +408,12 @@ def estimate_trace(
     and Webber 2024, the exchangeable estimator): ``k = num_matvecs // 2`` Rademacher vectors are each
     the test vector once and part of the sketch otherwise; see :func:`_xtrace`. ``"exact"``: the sum of
     ``e_i^T A e_i`` (``dim`` products; small blocks and tests).
+
+    ``sketch`` sets the split of the budget between the low-rank part and the probes: Hutch++'s number of
+    sketch vectors ``s`` (default ``m // 3``; it leaves ``m - 2 s`` probes) or the Krylov variant's number
+    of Lanczos steps (default ``m // 2``; it leaves ``m - sketch`` probes). The defaults suit spectra that
+    decay fast, where deflation removes most of the variance; on flat spectra a smaller sketch leaves more
+    probes (docs/curvature.md measures both cases).
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {', '.join(TRACE_METHODS)}, got {method!r}")
@@ -414,6 +421,14 @@ def estimate_trace(
     need = {"hutchinson": 2, "hutch++": 4, "xtrace": 6, "krylov": 3, "exact": 0}[method]
     if m != num_matvecs or m < need:
         raise ValueError(f"num_matvecs must be an integer >= {need} for {method}, got {num_matvecs!r}")
+    if sketch is not None:
+        room = {"hutch++": (m - 2) // 2, "krylov": m - 2}.get(method)
+        if room is None:
+            raise ValueError(f"sketch applies to hutch++ and krylov, not {method}")
+        if isinstance(sketch, bool) or int(sketch) != sketch or not 1 <= sketch <= room:
+            raise ValueError(f"sketch must be an integer in [1, {room}] for {method} with num_matvecs={m} "
+                             f"(at least 2 probes must remain), got {sketch!r}")
+        sketch = int(sketch)
     n_res = _check_resamples(op, data_resamples)
     gen = torch.Generator().manual_seed(int(seed))
     start = getattr(op, "num_matvecs", 0)
@@ -429,11 +444,11 @@ def estimate_trace(
                         break
             value, se = mean_se(samples)
         elif method == "hutch++":
-            value, se, samples = _hutchpp(op, m, gen)
+            value, se, samples = _hutchpp(op, m, gen, sketch)
         elif method == "xtrace":
             value, se, samples = _xtrace(op, m, gen)
         elif method == "krylov":
-            value, se, samples = _krylov_deflated(op, m, gen)
+            value, se, samples = _krylov_deflated(op, m, gen, sketch)
         else:
             eye = torch.zeros(op.dim, dtype=torch.float64, device=op.device)
             total = 0.0
@@ -450,14 +465,14 @@ def estimate_trace(
     if n_res:
         data_gen = torch.Generator().manual_seed(int(seed) + 7919)
         reps = [float(estimate_trace(op.resample(data_gen), method=method, num_matvecs=m, seed=int(seed) + 1 + r,
-                            rtol=rtol, min_samples=min_samples).value) for r in range(n_res)]
+                            rtol=rtol, min_samples=min_samples, sketch=sketch).value) for r in range(n_res)]
         est.data_values = reps
         est.data_stderr = float(np.std(reps, ddof=1))
     return est
 
 
-def _hutchpp(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[float]]:
-    s = m // 3
+def _hutchpp(op: Any, m: int, gen: torch.Generator, sketch: int | None = None) -> tuple[float, float, list[float]]:
+    s = m // 3 if sketch is None else sketch
     r = m - 2 * s
     sketch = rademacher(op.dim, gen, op.device, n=s)
     y = torch.stack([op.matvec(sketch[:, j]).to(torch.float64) for j in range(s)], dim=1)
@@ -507,8 +522,9 @@ def _xtrace(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[f
     return mu, se, samples
 
 
-def _krylov_deflated(op: Any, m: int, gen: torch.Generator) -> tuple[float, float, list[float]]:
-    steps = min(m // 2, op.dim)
+def _krylov_deflated(op: Any, m: int, gen: torch.Generator,
+                     sketch: int | None = None) -> tuple[float, float, list[float]]:
+    steps = min(m // 2 if sketch is None else sketch, op.dim)
     run = lanczos(op.matvec, op.dim, steps, v0=rademacher(op.dim, gen, op.device), generator=gen,
                   device=op.device, keep_basis=True)
     q = run.basis.T  # dim x steps, orthonormal columns
