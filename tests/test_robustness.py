@@ -654,3 +654,25 @@ def test_analyze_a_diverged_checkpoint_says_its_loss_is_not_finite(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "loss of" in err and "is nan on the first 50 examples" in err
     assert not (d / "analysis").exists() or not any((d / "analysis").iterdir())
+
+
+def test_library_calls_refuse_values_that_used_to_pass_or_crash_late():
+    """``shake(training="no")`` would shake (a non-empty string is truthy); ``num_bootstrap=0`` ended in an
+    IndexError; ``slq(num_points=0)`` returned an empty density."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from sgdlab.analysis import HessianOperator, gradient_noise_stats, slq
+    from sgdlab.regularize import shake
+
+    x1, x2 = torch.ones(4, 3), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="training must be True or False"):
+        shake(x1, x2, training="no")
+    assert torch.equal(shake(x1, x2, training=False), torch.full((4, 3), 0.5))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    data = (torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    with pytest.raises(ValueError, match="num_bootstrap"):
+        gradient_noise_stats(model, F.cross_entropy, data, method="two_batch", batch_sizes=(4, 16), num_bootstrap=0)
+    with pytest.raises(ValueError, match="num_points"):
+        slq(HessianOperator(model, F.cross_entropy, data), num_vectors=1, num_steps=3, num_points=0)

@@ -618,6 +618,8 @@ def slq(
     """
     if num_vectors < 1 or num_steps < 1:
         raise ValueError("num_vectors and num_steps must be >= 1")
+    if isinstance(num_points, bool) or int(num_points) != num_points or num_points < 2:
+        raise ValueError(f"num_points must be an integer >= 2 (the density's grid), got {num_points!r}")
     gen = torch.Generator().manual_seed(int(seed))
     nodes, weights = [], []
     try:

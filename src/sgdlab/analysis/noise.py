@@ -115,6 +115,8 @@ def gradient_noise_stats(
         raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 2:
+        raise ValueError(f"num_bootstrap must be an integer >= 2, got {num_bootstrap!r}")
     x_all, y_all = _concat(batches)
     gen = torch.Generator().manual_seed(int(seed))
 

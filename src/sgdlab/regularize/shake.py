@@ -165,6 +165,8 @@ def shake(x1: torch.Tensor, x2: torch.Tensor, *, forward: str = "shake", backwar
     if training is None:
         raise ValueError("shake: pass training= explicitly (training=self.training inside a module's forward; "
                          "the Shake module does it), so that a model in eval() is never shaken")
+    if not isinstance(training, bool):  # a string such as "no" would be truthy and shake
+        raise ValueError(f"shake: training must be True or False, got {training!r}")
     if x1.shape != x2.shape:
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     if not training or (forward == "even" and backward == "even" and rule is None):
