@@ -447,8 +447,7 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
     _check_threads(threads)
     if resume:
         run_dir = Path(out_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        _require_run_dir(run_dir)
     else:
         cfg = load_config(config, overrides)
         run_dir = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -486,6 +485,11 @@ def run(config, out_dir=None, *, overrides: list[str] | None = None, resume: boo
                     run_dir.rmdir()
         if dist.owned:
             torch.distributed.destroy_process_group()
+
+
+def _require_run_dir(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
 
 
 def _check_threads(threads) -> None:
@@ -532,6 +536,7 @@ def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
     ``overrides`` (``["duration=300 epochs"]``) may extend the duration or change ``eval.every``,
     ``checkpoint.every`` and ``log.*``; a completed run extended this way continues.
     """
+    _check_threads(threads)
     run_dir = Path(run_dir)
     summary = run_dir / "summary.json"
     if summary.is_file() and not overrides:
@@ -541,11 +546,9 @@ def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
             done = {}
         if isinstance(done, dict) and done.get("status") == "completed":
             # nothing to train, but the folder must still be the run it claims to be: a config that loads,
-            # a checkpoint that passes its checks and was written by that config, a valid thread count
-            if not (run_dir / "config.yaml").is_file():
-                raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+            # a checkpoint that passes its checks and was written by that config
+            _require_run_dir(run_dir)
             _resume_config(run_dir, None)
-            _check_threads(threads)
             return done
     return run(None, run_dir, overrides=overrides, resume=True, quiet=quiet, threads=threads)
 
