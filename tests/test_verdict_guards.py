@@ -359,7 +359,7 @@ def test_history_keeps_superseded_runs_and_the_ledger_counts_them(tmp_path, caps
     assert capsys.readouterr().out.splitlines()[2].endswith("| supported | 2 |")
     assert main(["ledger", "--results", str(root), "--history"]) == 0
     out = capsys.readouterr().out
-    assert "## g: 2 earlier runs" in out and "Replaced because: rerun with more seeds" in out
+    assert "## g: 2 earlier runs" in out and "### run 1: protocol v1 (protocol hash" in out and "Replaced because: rerun with more seeds" in out
     (d / "history" / "03.json").write_text("{}")
     with pytest.raises(ConfigError, match="03.json: a history entry needs 'replaced_because'"):
         ledger.history(d)

@@ -99,9 +99,17 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
         elif proto.select and not quick:
             raise ConfigError(f"{d / 'pilot.csv'}: missing; {proto.name}'s selections "
                               f"({', '.join(proto.select)}) are made on the pilot seeds, never on the final ones")
+        proto, amend = _amend(proto, d)
         protos[proto.name] = proto
         results[proto.name] = verdicts_from_tables(proto, read_table(d / "trials.csv", proto, final_seeds), pilot,
                                                    quick=quick)
+        if amend:
+            for c in results[proto.name]["claims"]:
+                patch = amend["claims"].get(c["id"])
+                if patch:
+                    c["post_hoc"] = sorted(patch)
+                    c["misspecified"] = patch.get("misspecified")
+            ctx = dict(ctx, amendments=amend)
         contexts[proto.name] = dict(ctx, protocol_sha256=sha, dir=d)
         shipped_proto = _shipped(proto.name)
         if shipped_proto is not None and shipped_proto[1] != sha:  # the shipped protocol was revised after this run
@@ -125,6 +133,55 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
             (d / "verdicts.json").write_text(_dump(payload))
             (d / "report.md").write_text(study_markdown(proto, dict(_finite(payload), dir=d)))
     return results
+
+
+_AMENDABLE = ("predicted", "matched", "floor", "misspecified")
+
+
+def _amend(proto: Protocol, d: Path) -> tuple[Protocol, dict | None]:
+    """Apply ``d/amendments.yaml``: post-hoc readings of a run's committed tables under the verdict guards,
+    added after the run (so never part of its pre-registered protocol, whose hash stays what ran).
+
+    The file holds ``reason`` and ``claims: {id: {predicted | matched | floor | misspecified}}``; every
+    amended verdict is flagged "post-hoc" in the ledger, and ``misspecified`` (a sentence) marks a check or
+    claim whose registered form cannot test what it names."""
+    import hashlib
+
+    import yaml
+    from pydantic import ValidationError
+
+    from .protocol import Claim
+
+    path = d / "amendments.yaml"
+    if not path.is_file():
+        return proto, None
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("reason"), str) or not isinstance(raw.get("claims"), dict):
+        raise ConfigError(f"{path}: expected a mapping with 'reason' (text) and 'claims' (id -> fields)")
+    ids = {c.id: c for c in proto.claims}
+    claims = []
+    for cid, patch in raw["claims"].items():
+        if cid not in ids:
+            raise ConfigError(f"{path}: claims.{cid}: no such claim in {proto.name}")
+        bad = [k for k in (patch or {}) if k not in _AMENDABLE]
+        if not isinstance(patch, dict) or bad:
+            raise ConfigError(f"{path}: claims.{cid}: only {', '.join(_AMENDABLE)} may be amended, got {bad or patch!r}")
+    for c in proto.claims:
+        patch = {k: v for k, v in (raw["claims"].get(c.id) or {}).items() if k != "misspecified"}
+        if patch:
+            try:
+                c = Claim.model_validate({**c.model_dump(exclude={"treatment", "baseline"}), **patch})
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ConfigError(f"{path}: claims.{c.id}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        claims.append(c)
+    amended = proto.model_copy(update={"claims": claims})
+    return amended, {"reason": raw["reason"], "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                     "claims": raw["claims"]}
 
 
 def _shipped(name: str) -> tuple[Protocol, str] | None:
@@ -181,7 +238,8 @@ def history_markdown(root) -> str:
         lines.append(f"## {d.name}: {len(runs)} earlier run{'s' if len(runs) != 1 else ''}")
         for r in runs:
             sha = (r.get("protocol_sha256") or "none")[:12]
-            lines += ["", f"### run {r['run']} (protocol v{r.get('version', 1)}, hash {sha}, commit "
+            what = r.get("design") or f"protocol v{r.get('version') or 1}"
+            lines += ["", f"### run {r['run']}: {what} (protocol hash {sha}, commit "
                           f"{(r.get('commit') or 'unknown')[:12]})", "", f"Replaced because: {r['replaced_because']}", ""]
             rows = [[v.get("claim") or v.get("id") or "", _num(v.get("estimate")),
                      f"[{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]", str(v.get("n") or ""),
@@ -275,6 +333,12 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
              + "; "
              f"final seeds {proto.seeds.final}; pilot seeds {proto.seeds.pilot or 'none'}"
              + ("; quick mode (pilot estimates, not verdicts)" if payload.get("quick") else "") + ".", ""]
+    if payload.get("amendments"):
+        am = payload["amendments"]
+        lines += [f"Post-hoc readings (`amendments.yaml`, SHA-256 `{am['sha256'][:12]}`, added after the run; "
+                  f"claims {', '.join(f'`{k}`' for k in am['claims'])}): {' '.join(am['reason'].split())}", ""]
+    if payload.get("earlier_runs"):
+        lines += [f"Earlier runs: {payload['earlier_runs']} (`history/`; `sgdlab ledger --history`).", ""]
     if payload.get("measurements"):
         lines += ["Measured: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                            for k, v in payload["measurements"].items()), ""]

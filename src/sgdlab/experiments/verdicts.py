@@ -457,6 +457,11 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
                 d = dataclasses.replace(d, note="; ".join(filter(None, [d.note, (
                     f"floor: {', '.join(fl['stopped'])} improved by less than {fl['tolerance']:g} (log ratio) from "
                     f"{fl['early']} to {c['metric']} on the {fl['on']}, so the contrast may compare floors")])))
+            if c.get("misspecified"):
+                flags.append("misspecified")
+                d = dataclasses.replace(d, note="; ".join(filter(None, [d.note, f"misspecified: {c['misspecified']}"])))
+            if c.get("post_hoc"):
+                flags.append("post-hoc reading")
             label = d.label if not flags else (
                 f"{d.outcome} ({'; '.join(filter(None, [d.qualifier, *flags]))})")
             c.update(decision_low=low, decision_high=high, outcome=d.outcome, qualifier=d.qualifier,
