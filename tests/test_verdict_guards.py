@@ -379,3 +379,39 @@ def test_the_ledger_no_longer_imports_the_runner():
         tree = ast.parse(Path(mod.__file__).read_text())
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "studies" not in names, mod.__name__
+
+
+def test_adaptive_sharpness_is_invariant_to_relu_rescaling():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    before = studies.adaptive_sharpness(net, (x, y), 0.05)
+    with torch.no_grad():  # the same function: layer 1 (weights and bias) x 10, layer 2 / 10
+        net[0].weight.mul_(10), net[0].bias.mul_(10), net[2].weight.div_(10)
+    assert studies.adaptive_sharpness(net, (x, y), 0.05) == pytest.approx(before, rel=1e-4)
+    assert before > 0
+    # Keskar's box measure, by contrast, moves under the same rescaling
+    from sgdlab import analysis
+    import torch.nn.functional as F
+
+    keskar = [float(analysis.model_sharpness(net, F.cross_entropy, (x, y), eps=1e-3, max_iter=5, seed=0))]
+    with torch.no_grad():
+        net[0].weight.div_(10), net[0].bias.div_(10), net[2].weight.mul_(10)
+    keskar.append(float(analysis.model_sharpness(net, F.cross_entropy, (x, y), eps=1e-3, max_iter=5, seed=0)))
+    assert keskar[0] != pytest.approx(keskar[1], rel=0.05)
+
+
+def test_a_mean_metric_after_a_fraction_reads_only_the_end(tmp_path):
+    proto = _proto(tmp_path, """\
+        arms: [{label: a}, {label: b}]
+        seeds: {final: [0, 1]}
+        metrics:
+          late: {kind: mean, of: train_loss, x: step, after: 0.9}
+        worst: {late: 2.3}
+        claims:
+          - {id: x, text: "a", metric: late, treatment: a, baseline: b, direction: higher, sesoi: 0.1}
+        """)
+    rows = [{"step": s, "train_loss": 1.0 if s < 90 else 0.2} for s in range(0, 101, 10)]
+    assert studies._derived(proto, {"rows": rows}, {})["late"] == pytest.approx(0.2)

@@ -137,6 +137,7 @@ class Claim(_Strict):
     x: str | None = None
     factors: list[str] = Field(default_factory=list)
     slope_of: str | None = None
+    among: str | None = None
     maximize: bool = True
     predicted: float | None = None
     matched: Matched | None = None
@@ -197,6 +198,7 @@ class Metric(_Strict):
 
     kind: Literal["first_below", "at_fraction", "mean", "forward_equivalents"]
     of: str | None = None
+    after: float = Field(0.0, ge=0, lt=1)
     x: Literal["step", "time", "epoch"] = "step"
     target: float | None = None
     fraction: float | None = Field(None, gt=0, le=1)
@@ -205,9 +207,13 @@ class Metric(_Strict):
 
 
 class Analysis(_Strict):
-    """A diagnostic of each final model: ``sharpness`` (Keskar, eps) or ``hessian_top`` (top eigenvalue)."""
+    """A diagnostic of each final model on its first ``samples`` training examples: ``sharpness`` (Keskar
+    et al. 2017, box ``eps``), ``hessian_top`` (top Hessian eigenvalue; with it, ``eos_ratio`` = eigenvalue
+    x lr / 2, its level against the edge of stability 2/lr of Cohen et al. 2021) or ``adaptive_sharpness``
+    (Kwon et al., ASAM, ICML 2021: the loss rise of one ascent step of radius ``eps`` in the metric scaled
+    elementwise by ``|w|``, invariant to the rescalings of ReLU layers that change Keskar's measure)."""
 
-    kind: Literal["sharpness", "hessian_top"]
+    kind: Literal["sharpness", "hessian_top", "adaptive_sharpness"]
     samples: int = Field(1000, gt=0)
     eps: float = Field(1e-3, gt=0)
 

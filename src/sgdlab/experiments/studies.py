@@ -128,7 +128,8 @@ def _derived(proto: Protocol, trial: dict, measured: dict) -> dict[str, float]:
         if not pts:
             continue
         if m.kind == "mean":
-            out[name] = float(np.mean([v for _, v in pts]))
+            start = m.after * pts[-1][0]
+            out[name] = float(np.mean([v for x, v in pts if x >= start - 1e-9]))
         elif m.kind == "at_fraction":
             target = m.fraction * pts[-1][0]
             out[name] = next(v for x, v in pts if x >= target - 1e-9)
@@ -143,6 +144,31 @@ def _ce(logits, y):
     import torch.nn.functional as F
 
     return F.cross_entropy(logits, y)
+
+
+def adaptive_sharpness(model, data, rho: float) -> float:
+    """Adaptive sharpness of ``model`` on ``data`` (Kwon et al., "ASAM", ICML 2021, eq. 6 with ``T_w = |w|``):
+    ``L(w + rho T^2 g / ||T g||) - L(w)``, the loss rise of one ascent step of radius ``rho`` in the norm
+    scaled elementwise by the weights, so rescaling a ReLU layer by ``c`` and the next by ``1/c`` leaves it
+    unchanged (Keskar's box measure is not)."""
+    import torch
+
+    x, y = data
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = _ce(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    tg = [p.detach().abs() * g for p, g in zip(params, grads)]
+    norm = torch.sqrt(sum((v * v).sum() for v in tg))
+    if not float(norm) > 0:
+        return 0.0
+    steps = [rho * p.detach().abs() * v / norm for p, v in zip(params, tg)]
+    with torch.no_grad():
+        for p, s in zip(params, steps):
+            p.add_(s)
+        up = _ce(model(x), y)
+        for p, s in zip(params, steps):
+            p.sub_(s)
+    return float(up - loss.detach())
 
 
 def run_analyses(proto: Protocol, trials: list[dict]) -> None:
@@ -161,14 +187,17 @@ def run_analyses(proto: Protocol, trials: list[dict]) -> None:
         todo = [a for a in proto.analyses if a.kind not in extra]
         if not todo:
             continue
-        _, model, ds = train.load_run(t["dir"])
+        cfg, model, ds = train.load_run(t["dir"])
         for a in todo:
             data = (ds.train_x[: a.samples], ds.train_y[: a.samples])
             torch.manual_seed(0)
             if a.kind == "sharpness":
                 extra["sharpness"] = float(analysis.model_sharpness(model, _ce, data, eps=a.eps, max_iter=10, seed=0))
+            elif a.kind == "adaptive_sharpness":
+                extra["adaptive_sharpness"] = adaptive_sharpness(model, data, a.eps)
             else:
                 extra["hessian_top"] = float(analysis.hessian_eigenvalues(model, _ce, data, k=1)[0])
+                extra["eos_ratio"] = extra["hessian_top"] * float(cfg.optim.lr) / 2
         d = Path(t["dir"]) / "analysis"
         d.mkdir(exist_ok=True)
         (d / ".study.json.tmp").write_text(json.dumps(extra, indent=2))

@@ -366,7 +366,10 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
         vals, diverged = _per_arm(proto, table, c.metric, c.log)
         edges = fits = 0
         if c.kind == "optimum_slope":
-            seeds, v, edges, fits = _optimum_slope(c, dict(proto.arm_list()), vals)
+            grid = {a: o for a, o in proto.arm_list() if c.among is None or a.startswith(c.among)}
+            if quick and not set(grid) & present:
+                continue  # quick mode ran none of this claim's grid
+            seeds, v, edges, fits = _optimum_slope(c, grid, vals)
             ndiv, arms, arm_set = sum(diverged.values()), {}, None
         else:
             arms = _arms_of(c, chosen)
