@@ -55,7 +55,7 @@ def _committed(results) -> dict[tuple[str, str], str]:
     """``{(study, claim id): verdict}`` committed under ``results`` (default ./results, else the source tree's)."""
     import json
 
-    from .protocol import studies_dir
+    from .protocol import load_protocol, shipped, studies_dir
 
     roots = [Path(results)] if results else [Path("results")] + (
         [studies_dir().parent / "results"] if studies_dir() is not None else [])
@@ -63,8 +63,11 @@ def _committed(results) -> dict[tuple[str, str], str]:
     for root in roots:
         for f in sorted(root.glob("*/verdicts.json")) if root.is_dir() else []:
             data = json.loads(f.read_text())
+            mark = ""
+            if data.get("study") in shipped() and load_protocol(data["study"])[2] != data.get("protocol_sha256"):
+                mark = f" (ran protocol v{data.get('version', 1)}; not the shipped one)"
             for c in data.get("verdicts", []):
-                out.setdefault((c["study"], c["id"]), c["verdict"])
+                out.setdefault((c["study"], c["id"]), c["verdict"] + mark)
     return out
 
 
