@@ -55,7 +55,7 @@ def _committed(results) -> dict[tuple[str, str], str]:
     """``{(study, claim id): verdict}`` committed under ``results`` (default ./results, else the source tree's)."""
     import json
 
-    from .protocol import studies_dir
+    from .protocol import load_protocol, shipped, studies_dir
 
     roots = [Path(results)] if results else [Path("results")] + (
         [studies_dir().parent / "results"] if studies_dir() is not None else [])
@@ -63,8 +63,11 @@ def _committed(results) -> dict[tuple[str, str], str]:
     for root in roots:
         for f in sorted(root.glob("*/verdicts.json")) if root.is_dir() else []:
             data = json.loads(f.read_text())
+            mark = ""
+            if data.get("study") in shipped() and load_protocol(data["study"])[2] != data.get("protocol_sha256"):
+                mark = f" (ran protocol v{data.get('version', 1)}; not the shipped one)"
             for c in data.get("verdicts", []):
-                out.setdefault((c["study"], c["id"]), c["verdict"])
+                out.setdefault((c["study"], c["id"]), c["verdict"] + mark)
     return out
 
 
@@ -98,11 +101,14 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_ledger(args) -> int:
-    from .ledger import ledger_markdown, load, refresh, rich_table
+    from .ledger import history_markdown, ledger_markdown, load, refresh, rich_table
 
     root = Path(args.results)
     if args.recompute:
         refresh(root)
+    if args.history:
+        print(history_markdown(root), end="")
+        return 0
     if args.markdown:
         print(ledger_markdown(root), end="")
         return 0
@@ -156,4 +162,6 @@ def add_parsers(sub) -> None:
     g.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's ledger)")
     g.add_argument("--recompute", action="store_true",
                    help="rewrite every verdicts.json and report.md from the committed tables")
+    g.add_argument("--history", action="store_true",
+                   help="list every study's earlier (superseded) runs, their verdicts and why they were replaced")
     g.set_defaults(fn=_cmd_ledger)

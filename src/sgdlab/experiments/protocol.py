@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 
-__all__ = ["Claim", "Protocol", "find_protocol", "load_protocol", "shipped", "studies_dir"]
+__all__ = ["Claim", "Floor", "Ladder", "Matched", "Protocol", "find_protocol", "load_protocol", "shipped",
+           "studies_dir"]
 
 DEFAULT_WORST = {"test_error": 1.0, "test_acc": 0.0, "train_eval_acc": 0.0}
 
@@ -89,6 +90,25 @@ class Arm(_Strict):
         return out
 
 
+class Matched(_Strict):
+    """A claim's matching condition: its arms are compared where ``metric`` agrees within ``tolerance``
+    (an absolute difference, or of natural logs with ``log``); the study refuses to decide when the mean
+    per-seed difference of the contrast's arms exceeds it (on the pilot seeds when they ran those arms)."""
+
+    metric: str
+    tolerance: float = Field(gt=0)
+    log: bool = True
+
+
+class Floor(_Strict):
+    """A claim's floor check: ``early`` is the same quantity measured well before the claim's measurement
+    point; an arm whose median improvement from ``early`` to the claim's metric is below ``tolerance`` (a
+    log ratio) has stopped improving, and the verdict is flagged "metric at a floor"."""
+
+    early: str
+    tolerance: float = Field(0.0953, gt=0)
+
+
 class Claim(_Strict):
     """One claim: a per-seed value (a contrast of arms, or a per-seed slope) and its decision rule.
 
@@ -117,10 +137,16 @@ class Claim(_Strict):
     x: str | None = None
     factors: list[str] = Field(default_factory=list)
     slope_of: str | None = None
+    among: str | None = None
     maximize: bool = True
+    predicted: float | None = None
+    matched: Matched | None = None
+    floor: Floor | None = None
 
     @model_validator(mode="after")
     def _shape(self):
+        if self.predicted is not None and self.margin is not None:
+            raise ValueError(f"claim {self.id}: give predicted or margin, not both")
         if self.kind == "contrast":
             if self.treatment or self.baseline:
                 if not (self.treatment and self.baseline) or self.contrast:
@@ -140,12 +166,31 @@ class Claim(_Strict):
         return 1 if self.direction == "higher" else -1
 
 
+class Ladder(_Strict):
+    """Extend an ordered selection's grid on the pilot seeds: while the best candidate is the first or last,
+    add a rung beyond it (``key`` multiplied, or divided at the low end, by ``factor``), until the best is
+    interior, the new extreme diverges, or ``max_rungs`` rungs were added at that end."""
+
+    key: str
+    factor: float = Field(2.0, gt=1)
+    max_rungs: int = Field(4, ge=1, le=20)
+
+
 class Select(_Strict):
-    """Choose one arm among ``candidates`` on the pilot seeds: the best mean of ``metric``."""
+    """Choose one arm among ``candidates`` on the pilot seeds: the best mean of ``metric`` (a diverged or
+    non-finite arm never wins). ``ordered`` (default: more than two candidates) says the candidates are a
+    grid in order; a choice at its first or last point is not bracketed and the claims on it are
+    inconclusive, unless ``ladder`` extends the grid (:class:`Ladder`)."""
 
     candidates: list[str]
     metric: str
     direction: Literal["higher", "lower"]
+    ordered: bool | None = None
+    ladder: Ladder | None = None
+
+    @property
+    def is_ordered(self) -> bool:
+        return self.ordered if self.ordered is not None else len(self.candidates) > 2
 
 
 class Metric(_Strict):
@@ -153,6 +198,7 @@ class Metric(_Strict):
 
     kind: Literal["first_below", "at_fraction", "mean", "forward_equivalents"]
     of: str | None = None
+    after: float = Field(0.0, ge=0, lt=1)
     x: Literal["step", "time", "epoch"] = "step"
     target: float | None = None
     fraction: float | None = Field(None, gt=0, le=1)
@@ -161,9 +207,13 @@ class Metric(_Strict):
 
 
 class Analysis(_Strict):
-    """A diagnostic of each final model: ``sharpness`` (Keskar, eps) or ``hessian_top`` (top eigenvalue)."""
+    """A diagnostic of each final model on its first ``samples`` training examples: ``sharpness`` (Keskar
+    et al. 2017, box ``eps``), ``hessian_top`` (top Hessian eigenvalue; with it, ``eos_ratio`` = eigenvalue
+    x lr / 2, its level against the edge of stability 2/lr of Cohen et al. 2021) or ``adaptive_sharpness``
+    (Kwon et al., ASAM, ICML 2021: the loss rise of one ascent step of radius ``eps`` in the metric scaled
+    elementwise by ``|w|``, invariant to the rescalings of ReLU layers that change Keskar's measure)."""
 
-    kind: Literal["sharpness", "hessian_top"]
+    kind: Literal["sharpness", "hessian_top", "adaptive_sharpness"]
     samples: int = Field(1000, gt=0)
     eps: float = Field(1e-3, gt=0)
 
@@ -195,6 +245,7 @@ class Protocol(_Strict):
     """A study's pre-registration (module doc). ``arms`` expand to labelled grid points of ``base``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int = Field(1, ge=1)
     title: str
     claim: str
     citation: str
@@ -212,6 +263,7 @@ class Protocol(_Strict):
     worst: dict[str, float] = Field(default_factory=dict)
     record: list[str] = Field(default_factory=list)
     alpha: float = Field(0.05, gt=0, lt=1)
+    chance: float = Field(0.1, ge=0, lt=1)
     quick: Quick = Field(default_factory=Quick)
     notes: str = ""
 
@@ -249,6 +301,16 @@ class Protocol(_Strict):
                     raise ValueError(f"claim {c.id}: unknown arm {arm!r}")
             if c.metric not in self.worst and c.metric not in DEFAULT_WORST:
                 raise ValueError(f"claim {c.id}: give worst.{c.metric} (the value a diverged trial counts as)")
+            if c.matched is not None and len([a for a, k in c.contrast.items() if k]) != 2:
+                raise ValueError(f"claim {c.id}: matched needs a two-arm contrast (treatment and baseline)")
+        for name, sel in self.select.items():
+            if sel.ladder is not None and not sel.is_ordered:
+                raise ValueError(f"select.{name}: a ladder needs ordered candidates")
+            if sel.ladder is not None:
+                over = dict(self.arm_list())
+                bad = [c for c in sel.candidates if not isinstance(over[c].get(sel.ladder.key), (int, float))]
+                if bad:
+                    raise ValueError(f"select.{name}: ladder key {sel.ladder.key!r} is not a number set by arm {bad[0]!r}")
         return self
 
     def arm_list(self, quick: bool = False) -> list[tuple[str, dict]]:
@@ -260,6 +322,18 @@ class Protocol(_Strict):
                     continue
                 out.append((label, dict(self.quick.set, **over, **a.quick) if quick else over))
         return out
+
+    def ladder_arm(self, select: str, edge: str, rung: int) -> tuple[str, dict]:
+        """``(label, overrides)`` of ladder rung ``rung`` (1, 2, ...) beyond the ``edge`` ("low" or "high")
+        candidate of selection ``select``: the edge arm with the ladder key divided or multiplied by
+        ``factor ** rung``."""
+        sel = self.select[select]
+        lad = sel.ladder
+        label = sel.candidates[0 if edge == "low" else -1]
+        over = dict(dict(self.arm_list())[label])
+        value = float(over[lad.key]) * (lad.factor ** (rung if edge == "high" else -rung))
+        over[lad.key] = float(f"{value:.6g}")
+        return f"{label} [ladder {lad.key.split('.')[-1]}={over[lad.key]:g}]", over
 
     def worst_value(self, metric: str) -> float:
         return float(self.worst.get(metric, DEFAULT_WORST.get(metric, float("nan"))))

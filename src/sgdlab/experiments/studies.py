@@ -22,9 +22,6 @@ committed verdict from ``results/``.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import json
 import math
 import re
@@ -37,9 +34,13 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import aggregate as agg
-from . import stats as st
-from .protocol import Claim, Protocol, load_protocol, shipped
+from .protocol import Protocol, load_protocol, shipped
 from .sweep import Point, run_sweep
+from .verdicts import finish, read_table, select_arms, verdicts_from_tables, write_table
+
+# finish, read_table, select_arms, verdicts_from_tables and write_table live in .verdicts (shared with the
+# ledger, which imports nothing from here) and stay importable from this module
+_REEXPORTED = (finish, read_table, select_arms, verdicts_from_tables, write_table)
 
 __all__ = ["build_table", "read_table", "run_all", "run_study", "select_arms", "verdicts_from_tables", "write_table"]
 
@@ -127,7 +128,8 @@ def _derived(proto: Protocol, trial: dict, measured: dict) -> dict[str, float]:
         if not pts:
             continue
         if m.kind == "mean":
-            out[name] = float(np.mean([v for _, v in pts]))
+            start = m.after * pts[-1][0]
+            out[name] = float(np.mean([v for x, v in pts if x >= start - 1e-9]))
         elif m.kind == "at_fraction":
             target = m.fraction * pts[-1][0]
             out[name] = next(v for x, v in pts if x >= target - 1e-9)
@@ -142,6 +144,31 @@ def _ce(logits, y):
     import torch.nn.functional as F
 
     return F.cross_entropy(logits, y)
+
+
+def adaptive_sharpness(model, data, rho: float) -> float:
+    """Adaptive sharpness of ``model`` on ``data`` (Kwon et al., "ASAM", ICML 2021, eq. 6 with ``T_w = |w|``):
+    ``L(w + rho T^2 g / ||T g||) - L(w)``, the loss rise of one ascent step of radius ``rho`` in the norm
+    scaled elementwise by the weights, so rescaling a ReLU layer by ``c`` and the next by ``1/c`` leaves it
+    unchanged (Keskar's box measure is not)."""
+    import torch
+
+    x, y = data
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = _ce(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    tg = [p.detach().abs() * g for p, g in zip(params, grads)]
+    norm = torch.sqrt(sum((v * v).sum() for v in tg))
+    if not float(norm) > 0:
+        return 0.0
+    steps = [rho * p.detach().abs() * v / norm for p, v in zip(params, tg)]
+    with torch.no_grad():
+        for p, s in zip(params, steps):
+            p.add_(s)
+        up = _ce(model(x), y)
+        for p, s in zip(params, steps):
+            p.sub_(s)
+    return float(up - loss.detach())
 
 
 def run_analyses(proto: Protocol, trials: list[dict]) -> None:
@@ -160,14 +187,17 @@ def run_analyses(proto: Protocol, trials: list[dict]) -> None:
         todo = [a for a in proto.analyses if a.kind not in extra]
         if not todo:
             continue
-        _, model, ds = train.load_run(t["dir"])
+        cfg, model, ds = train.load_run(t["dir"])
         for a in todo:
             data = (ds.train_x[: a.samples], ds.train_y[: a.samples])
             torch.manual_seed(0)
             if a.kind == "sharpness":
                 extra["sharpness"] = float(analysis.model_sharpness(model, _ce, data, eps=a.eps, max_iter=10, seed=0))
+            elif a.kind == "adaptive_sharpness":
+                extra["adaptive_sharpness"] = adaptive_sharpness(model, data, a.eps)
             else:
                 extra["hessian_top"] = float(analysis.hessian_eigenvalues(model, _ce, data, k=1)[0])
+                extra["eos_ratio"] = extra["hessian_top"] * float(cfg.optim.lr) / 2
         d = Path(t["dir"]) / "analysis"
         d.mkdir(exist_ok=True)
         (d / ".study.json.tmp").write_text(json.dumps(extra, indent=2))
@@ -178,7 +208,9 @@ def run_analyses(proto: Protocol, trials: list[dict]) -> None:
 def build_table(proto: Protocol, trials: list[dict], measured: dict) -> list[dict]:
     """One row per trial: ``arm``, ``seed``, ``status`` and the claims' and recorded metrics (blank when diverged)."""
     wanted: list[str] = []
-    for name in [c.metric for c in proto.claims] + [s.metric for s in proto.select.values()] + list(proto.record):
+    guards = [c.matched.metric for c in proto.claims if c.matched] + [c.floor.early for c in proto.claims if c.floor]
+    for name in ([c.metric for c in proto.claims] + [s.metric for s in proto.select.values()] + list(proto.record)
+                 + guards):
         if name not in wanted:
             wanted.append(name)
     for name, m in proto.metrics.items():
@@ -195,226 +227,6 @@ def build_table(proto: Protocol, trials: list[dict], measured: dict) -> list[dic
             row[name] = "" if v is None else repr(float(v))
         rows.append(row)
     return rows
-
-
-def write_table(rows: list[dict], path: Path) -> None:
-    """``rows`` as CSV (columns of the first row)."""
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    path.write_text(buf.getvalue())
-
-
-def read_table(path: Path) -> list[dict]:
-    """A table written by :func:`write_table` (seed as int, metric cells as float or None).
-
-    A damaged table (cut short, a missing column, a cell that is not a number) raises
-    :class:`ConfigError` ``path:line: reason``.
-    """
-    path = Path(path)
-    out = []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            try:
-                header = reader.fieldnames
-                if header is None:
-                    return out  # write_table of no rows writes an empty file
-                missing = [c for c in ("arm", "seed", "status") if c not in header]
-                if missing:
-                    raise ConfigError(f"{path}:1: the header lacks the column(s) {', '.join(missing)}")
-                for r in reader:
-                    line = reader.line_num
-                    if None in r:
-                        raise ConfigError(f"{path}:{line}: more cells than the header's {len(header)}")
-                    if None in r.values():
-                        raise ConfigError(f"{path}:{line}: fewer cells than the header's {len(header)} "
-                                          f"(the table is cut short?)")
-                    try:
-                        seed = int(r.pop("seed"))
-                    except ValueError:
-                        raise ConfigError(f"{path}:{line}: seed: not an integer") from None
-                    row: dict = {"arm": r.pop("arm"), "seed": seed, "status": r.pop("status")}
-                    for k, v in r.items():
-                        try:
-                            row[k] = float(v) if v != "" else None
-                        except ValueError:
-                            raise ConfigError(f"{path}:{line}: {k}: not a number ({v[:40]!r})") from None
-                    out.append(row)
-            except csv.Error as e:
-                raise ConfigError(f"{path}:{reader.line_num}: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (offset {e.start})") from None
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# verdicts from tables
-# ---------------------------------------------------------------------------------------------------
-
-def _per_arm(proto: Protocol, table: list[dict], metric: str, log: bool = False
-             ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
-    """``{arm: {seed: value}}`` with diverged trials at the protocol's worst value, and diverged counts."""
-    if log:
-        vals, diverged = _per_arm(proto, table, metric)
-        bad = [(a, s) for a, d in vals.items() for s, v in d.items() if not v > 0]
-        if bad:
-            raise ConfigError(f"{metric}: a log contrast needs positive values; arm {bad[0][0]!r} seed {bad[0][1]}")
-        return {a: {s: math.log(v) for s, v in d.items()} for a, d in vals.items()}, diverged
-    vals: dict[str, dict[int, float]] = {}
-    diverged: dict[str, int] = {}
-    for r in table:
-        arm = vals.setdefault(r["arm"], {})
-        if r["status"] == "completed" and r.get(metric) is not None:
-            arm[r["seed"]] = float(r[metric])
-        elif r["status"] == "nonfinite":
-            arm[r["seed"]] = proto.worst_value(metric)
-            diverged[r["arm"]] = diverged.get(r["arm"], 0) + 1
-        elif r["status"] == "completed":
-            raise ConfigError(f"trials table: arm {r['arm']!r} seed {r['seed']} has no value of {metric!r}")
-        else:
-            raise ConfigError(f"study incomplete: arm {r['arm']!r} seed {r['seed']} is {r['status']}; "
-                              f"rerun the study to resume it")
-    return vals, diverged
-
-
-def select_arms(proto: Protocol, pilot: list[dict], quick: bool = False) -> dict[str, dict]:
-    """Each selection's chosen arm: the best mean of its metric over the pilot seeds (ties: first listed).
-    In quick mode a selection without candidates among the arms run is left out."""
-    chosen = {}
-    for name, sel in proto.select.items():
-        vals, _ = _per_arm(proto, [r for r in pilot if r["arm"] in sel.candidates], sel.metric)
-        means = {a: float(np.mean(list(vals[a].values()))) for a in sel.candidates if vals.get(a)}
-        if not means and quick:
-            continue
-        if not means:
-            raise ConfigError(f"select.{name}: no pilot results")
-        sign = 1 if sel.direction == "higher" else -1
-        best = max(means, key=lambda a: sign * means[a])
-        chosen[name] = {"arm": best, "metric": sel.metric, "pilot_means": means}
-    return chosen
-
-
-def _optimum_slope(claim: Claim, arms: dict[str, dict], vals: dict[str, dict[int, float]]) -> tuple[list[int], np.ndarray]:
-    """Per seed: log2 optimum of ``x`` per factor cell, regressed on log2 of the factors; the ``slope_of`` coefficient."""
-    seeds = sorted(next(iter(vals.values())))
-    cells: dict[tuple, list[tuple[float, str]]] = {}
-    for label, over in arms.items():
-        if label not in vals or claim.x not in over:
-            continue
-        key = tuple(float(over[f]) for f in claim.factors)
-        cells.setdefault(key, []).append((float(over[claim.x]), label))
-    out = []
-    for s in seeds:
-        ys, design = [], []
-        for key, pts in cells.items():
-            pts = sorted(pts)
-            lx = np.log2([p[0] for p in pts])
-            v = np.array([vals[lab][s] for _, lab in pts]) * (1 if claim.maximize else -1)
-            a, b, _ = np.polyfit(lx, v, 2) if len(pts) >= 3 else (0.0, 0.0, 0.0)
-            if a < 0 and lx[0] <= -b / (2 * a) <= lx[-1]:
-                opt = -b / (2 * a)
-            else:
-                opt = lx[int(np.argmax(v))]
-            ys.append(opt)
-            design.append([1.0] + [math.log2(k) for k in key])
-        coef, *_ = np.linalg.lstsq(np.array(design), np.array(ys), rcond=None)
-        out.append(coef[1 + claim.factors.index(claim.slope_of)])
-    return seeds, np.array(out)
-
-
-def _claim_values(proto: Protocol, claim: Claim, table: list[dict], chosen: dict) -> tuple[list[int], np.ndarray, int]:
-    vals, diverged = _per_arm(proto, table, claim.metric, claim.log)
-    if claim.kind == "optimum_slope":
-        seeds, v = _optimum_slope(claim, dict(proto.arm_list()), vals)
-        return seeds, v, sum(diverged.values())
-    coef = {}
-    for arm, c in claim.contrast.items():
-        coef[chosen[arm[1:]]["arm"] if arm.startswith("@") else arm] = c
-    seeds, v = st.paired_values(vals, coef)
-    return seeds, v, sum(diverged.get(a, 0) for a in coef)
-
-
-def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] | None = None, *,
-                         quick: bool = False) -> dict:
-    """Every claim's estimate, 95% interval, raw p, seeds and diverged count, before multiplicity
-    (``holm`` fills the adjusted p, decision interval and outcome); plus the pilot selections."""
-    chosen = select_arms(proto, pilot or table, quick) if proto.select else {}
-    present = {r["arm"] for r in table}
-    claims = []
-    for c in proto.claims:
-        named = [chosen.get(a[1:], {}).get("arm") if a.startswith("@") else a for a in c.contrast]
-        if quick and c.kind == "contrast" and not set(named) <= present:
-            continue  # quick mode may run a subset of the arms
-        seeds, v, ndiv = _claim_values(proto, c, table, chosen)
-        ti = st.t_interval(v)
-        arms = {(chosen[a[1:]]["arm"] if a.startswith("@") else a): k for a, k in c.contrast.items()}
-        unreached, counted = _unreached(proto, c.metric, table, set(arms) if c.kind == "contrast" else None)
-        claims.append({"study": proto.name, "id": c.id, "claim": c.text, "metric": c.metric,
-                       "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "log": c.log,
-                       "primary": c.primary,
-                       "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
-                       "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": ti.p,
-                       "ladder": c.ladder, "at": c.at, "values": v.tolist(),
-                       "unreached": unreached, "trials": counted})
-    return {"claims": claims, "selection": chosen}
-
-
-def _unreached(proto: Protocol, metric: str, table: list[dict], arms: set[str] | None) -> tuple[int, int]:
-    """For a ``first_below`` metric: how many completed trials of ``arms`` (all when None) never reached
-    the target (their value is the budget), and how many completed trials there are; (0, 0) otherwise."""
-    m = proto.metrics.get(metric)
-    if m is None or m.kind != "first_below":
-        return 0, 0
-    rows = [r for r in table if r["status"] == "completed" and (arms is None or r["arm"] in arms)]
-    return sum(1 for r in rows if r.get(f"{metric}_reached") == 0.0), len(rows)
-
-
-def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float = 0.05) -> None:
-    """Holm across all primary claims of ``results`` (``{study: verdicts_from_tables(...)}``), then each
-    claim's decision interval, outcome, power note and text; ladders get their largest supported rung."""
-    primary = [c for r in results.values() for c in r["claims"] if c["primary"]]
-    raw = [c["p"] for c in primary]
-    for c, adj, lev in zip(primary, st.holm(raw), st.holm_levels(raw, alpha)):
-        c["p_holm"], c["decision_level"] = adj, lev
-    for name, r in results.items():
-        proto = protos[name]
-        for c in r["claims"]:
-            level = c.get("decision_level", 1 - alpha)
-            if not c["primary"]:
-                c["p_holm"], c["decision_level"] = None, level
-            ti = st.t_interval(c["values"], level)
-            d = st.decide(ti.low, ti.high, 1 if c["direction"] == "higher" else -1, c["sesoi"], margin=c["margin"],
-                          sd=ti.sd, n=ti.n, alpha=1 - level)
-            unreached, counted = c.get("unreached", 0), c.get("trials", 0)
-            if counted and unreached == counted:
-                # every value is the budget: the contrast compares budgets, so it can decide nothing
-                d = st.Decision(st.INCONCLUSIVE, "no trial reached the target",
-                                note="every trial stopped at the budget, so the contrast compares budgets, not speeds")
-            elif unreached:
-                d = dataclasses.replace(d, note="; ".join(filter(None, [
-                    d.note, f"{unreached} of {counted} trials never reached the target (counted at the budget)"])))
-            c.update(decision_low=ti.low, decision_high=ti.high, outcome=d.outcome, qualifier=d.qualifier,
-                     verdict=d.label, seeds_needed=d.seeds_needed, note=d.note)
-            c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
-                         f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}, {c['n']} seeds"
-                         + (f", {c['diverged']} diverged trials counted at the worst value" if c["diverged"] else "")
-                         + (f", {unreached} of {counted} trials never reached the target" if unreached else "")
-                         + ").")
-        ladders: dict[str, list] = {}
-        for c in r["claims"]:
-            if c["ladder"]:
-                ladders.setdefault(c["ladder"], []).append(c)
-        r["ladders"] = {}
-        for lad, cs in ladders.items():
-            best = None
-            for c in sorted(cs, key=lambda c: c["at"]):
-                if c["outcome"] != st.SUPPORTED:
-                    break
-                best = c["at"]
-            r["ladders"][lad] = best
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,6 +281,34 @@ def _figures(proto: Protocol, sweep_dir: Path, art: Path) -> None:
         shutil.copy2(png, figs / png.name)
 
 
+def _climb_ladders(proto: Protocol, pilot_rows: list[dict], out: Path, measured: dict, *, jobs: int,
+                   progress: bool, extra: dict) -> list[tuple[str, dict]]:
+    """Extend each laddered selection's grid on the pilot seeds while its best arm is the first or last
+    rung (:class:`~sgdlab.experiments.protocol.Ladder`); the rows are appended to ``pilot_rows``.
+    Returns the rungs run, as arms (the chosen one runs on the final seeds)."""
+    added: list[tuple[str, dict]] = []
+    for name, sel in proto.select.items():
+        if sel.ladder is None:
+            continue
+        rungs = {"low": 0, "high": 0}
+        while True:
+            c = select_arms(proto, pilot_rows)[name]
+            edge = c["edge"]
+            if edge is None or rungs[edge] >= sel.ladder.max_rungs:
+                break
+            rungs[edge] += 1
+            arm = proto.ladder_arm(name, edge, rungs[edge])
+            trials = _sweep(proto, [arm], proto.seeds.pilot, out / f"pilot-ladder-{name}-{edge}{rungs[edge]}",
+                            measured, jobs=jobs,
+                            progress=progress, extra=extra)
+            new = [r for r in build_table(proto, trials, measured) if r["arm"] == arm[0]]
+            pilot_rows.extend(new)
+            added.append(arm)
+            if all(r["status"] == "nonfinite" for r in new):
+                break  # the extreme diverged: the optimum lies inside the grid
+    return added
+
+
 def default_results_dir() -> Path:
     """``results/`` of the working directory."""
     return Path("results")
@@ -512,6 +352,10 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
             ptrials = _sweep(proto, [a for a in arms if a[0] in candidates], proto.seeds.pilot, out / "pilot",
                              measured, jobs=jobs, progress=progress, extra=dict(extra, phase="pilot"))
             pilot_rows = build_table(proto, ptrials, measured)
+            rungs = _climb_ladders(proto, pilot_rows, out, measured, jobs=jobs, progress=progress,
+                                   extra=dict(extra, phase="pilot-ladder"))
+            arms += rungs
+            candidates |= {a[0] for a in rungs}
             keep = {c["arm"] for c in select_arms(proto, pilot_rows).values()}
             keep |= {a for c in proto.claims for a in c.contrast if not a.startswith("@")}
             arms = [a for a in arms if a[0] not in candidates or a[0] in keep]
@@ -522,6 +366,10 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     art = out if quick else (Path(results) if results is not None else default_results_dir()) / proto.name
     art.mkdir(parents=True, exist_ok=True)
     if not quick:
+        from .ledger import archive
+
+        archive(art, f"replaced by a new full run (protocol v{proto.version}, hash {sha[:12]}, commit {commit[:12]})",
+                replaced_by=commit)
         _figures(proto, out / "final", art)
     (art / "protocol.yaml").write_text(text)
     write_table(rows, art / "trials.csv")
