@@ -2,7 +2,8 @@
 
 Every function takes ``data`` as an ``(x, y)`` pair of tensors or an iterable of such batches and a
 ``loss_fn(logits, y)`` returning the mean loss of a batch; results are averages over examples (batches
-weighted by size), computed with the model in eval mode (its mode is restored).
+weighted by size), computed with the model in eval mode (its mode is restored). The curvature tools and
+``model_sharpness`` also take Hugging Face dict batches and ``ModelOutput``s (see :mod:`.losses`).
 """
 
 from .blocks import BlockTable, block_partition, curvature_blocks
@@ -28,6 +29,7 @@ from .hessian import (
     spectral_density,
 )
 from .interpolation import evaluate, interpolate, interpolation_coefficients
+from .losses import causal_lm_loss, hf_loss
 from .noise import gradient_noise_scale, gradient_noise_stats, sgd_noise_scale
 from .operators import CurvatureOperator, curvature_operator
 from .plots import plot_interpolation, plot_sharpness_vs_batch, plot_spectral_density
@@ -67,6 +69,8 @@ __all__: list[str] = [
     "log_probability_ratio",
     "log_minimum_weight",
     "hessian_logdet",
+    "causal_lm_loss",
+    "hf_loss",
     "plot_interpolation",
     "plot_spectral_density",
     "plot_sharpness_vs_batch",
