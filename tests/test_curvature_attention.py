@@ -297,3 +297,25 @@ def test_dict_batches_and_model_outputs_in_sharpness_and_errors():
             torch.ones(8))
     with pytest.raises(ValueError, match="hf_loss"):
         hf_loss(nn.Linear(2, 2))
+
+
+def test_benchmark_gpt2_case_builds_matching_products():
+    """benchmarks/curvature.py's tiny GPT-2 case: our cached and uncached products agree, and the wrapper
+    handed to curvlinops gives the model's logits and our loss."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
+    spec = importlib.util.spec_from_file_location("bench_curvature_gpt2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, batch = bench.tiny_gpt2(2)
+    assert (batch["labels"][0, -2:] == -100).all() and (batch["labels"][1] != -100).all()
+    ops = bench.gpt2_ops(model, batch, {})
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+    a, b = ops["sgdlab"](v), ops["sgdlab (no graph cache)"](v)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    with torch.no_grad():
+        logits = bench._LMLogits(model)(batch["input_ids"])
+        assert torch.equal(logits, model(input_ids=batch["input_ids"]).logits)
+        assert torch.equal(bench._CausalLMLoss()(logits, batch["labels"]), causal_lm_loss(logits, batch["labels"]))
