@@ -256,7 +256,8 @@ def test_causal_lm_loss_is_the_mean_over_sequences_of_counted_tokens():
         for z, lab in zip(logits, batch["labels"]):
             terms = [F.cross_entropy(z[t], lab[t + 1]) for t in range(5) if lab[t + 1] != -100]
             per_seq.append(sum(terms) / len(terms))
-        assert torch.allclose(causal_lm_loss(logits, batch["labels"]), torch.stack(per_seq).mean(), atol=1e-12)
+        by_hand = torch.stack(per_seq).mean()
+        assert torch.allclose(causal_lm_loss(logits, batch["labels"]), by_hand, atol=1e-12)
         full = batch["input_ids"]
         hf = model(input_ids=full, labels=full).loss  # Hugging Face computes it in float32
         assert float(causal_lm_loss(logits, full)) == pytest.approx(float(hf), rel=1e-6)
@@ -293,8 +294,8 @@ def test_dict_batches_and_model_outputs_in_sharpness_and_errors():
             return {"hidden": self.lin(x)}
 
     with pytest.raises(ValueError, match="logits"):
-        HessianOperator(NoLogits(), F.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))).matvec(
-            torch.ones(8))
+        data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+        HessianOperator(NoLogits(), F.cross_entropy, data).matvec(torch.ones(8))
     with pytest.raises(ValueError, match="hf_loss"):
         hf_loss(nn.Linear(2, 2))
 
@@ -318,4 +319,5 @@ def test_benchmark_gpt2_case_builds_matching_products():
     with torch.no_grad():
         logits = bench._LMLogits(model)(batch["input_ids"])
         assert torch.equal(logits, model(input_ids=batch["input_ids"]).logits)
-        assert torch.equal(bench._CausalLMLoss()(logits, batch["labels"]), causal_lm_loss(logits, batch["labels"]))
+        labels = batch["labels"]
+        assert torch.equal(bench._CausalLMLoss()(logits, labels), causal_lm_loss(logits, labels))

@@ -34,7 +34,8 @@ def _is_pair(data: Any, dicts: bool) -> bool:
 def _dict_batch(item: Mapping, name: str) -> tuple[dict, Any]:
     if "labels" not in item:
         keys = ", ".join(repr(k) for k in list(item)[:6])
-        raise ValueError(f"{name}: a dict batch needs a 'labels' entry (the targets of loss_fn), got keys {keys}")
+        raise ValueError(f"{name}: a dict batch needs a 'labels' entry (the targets of loss_fn), "
+                         f"got keys {keys}")
     return {k: v for k, v in item.items() if k != "labels"}, item["labels"]
 
 
@@ -112,7 +113,7 @@ def take(x: Any, idx: torch.Tensor, n: int) -> Any:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor as is, or the ``.logits`` of a ``transformers`` ``ModelOutput``."""
+    """The logits of a model's output: a tensor as is, or the ``.logits`` of a ``ModelOutput``."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -120,7 +121,8 @@ def logits_of(out: Any) -> torch.Tensor:
         logits = out.get("logits")
     if not isinstance(logits, torch.Tensor):
         raise ValueError(
-            f"model output: expected a tensor of logits or an output with a .logits tensor, got {type(out).__name__}"
+            "model output: expected a tensor of logits or an output with a .logits tensor, "
+            f"got {type(out).__name__}"
         )
     return logits
 

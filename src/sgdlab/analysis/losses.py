@@ -70,7 +70,8 @@ def hf_loss(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
     if name.endswith("ForSequenceClassification") and config is not None:
         problem = getattr(config, "problem_type", None)
         if problem == "multi_label_classification":
-            raise ValueError(f"hf_loss: {name} is set up for multi-label classification; pass a loss_fn yourself")
+            raise ValueError(f"hf_loss: {name} is set up for multi-label classification; "
+                             "pass a loss_fn yourself")
         if problem == "regression" or getattr(config, "num_labels", None) == 1:
             return _regression_mse
         return _single_label_ce
