@@ -127,7 +127,7 @@ def test_gpt2_sdpa_hessian_top_eigenvalue_and_trace_equal_the_dense_hessian():
     assert torch.allclose(h, h.T, atol=1e-10)
     w = torch.linalg.eigvalsh(h)
     model.train()  # the diagnostics switch to eval mode and restore the mode
-    res = hessian_eigen(model, causal_lm_loss, batch, tol=1e-10, max_iter=300)
+    res = hessian_eigen(model, causal_lm_loss, batch, tol=1e-8, max_iter=300)
     assert model.training
     assert res.converged.all()
     assert rel(res.values[0], w[-1]) < 1e-6
@@ -147,7 +147,7 @@ def test_encoder_layer_hessian_top_eigenvalue_and_trace_equal_the_dense_hessian(
     our probes equals the dense matrix's, and a block's exact trace is the trace of its diagonal block."""
     model, data, h = encoder_reference()
     w = torch.linalg.eigvalsh(h)
-    res = hessian_eigen(model, F.cross_entropy, data, tol=1e-10, max_iter=300)
+    res = hessian_eigen(model, F.cross_entropy, data, tol=1e-8, max_iter=300)
     assert res.converged.all() and rel(res.values[0], w[-1]) < 1e-6
     tr = hessian_trace(model, F.cross_entropy, data, num_samples=6, seed=1)
     assert rel(tr, same_probe_hutchinson(h, 6, seed=1)) < 1e-9
@@ -234,15 +234,15 @@ def test_ggn_and_hutchinson_agree_with_curvlinops_on_the_encoder():
     params = [p for p in model.parameters()]
     with differentiable_attention():  # curvlinops needs the math kernel and the fast path off too
         theirs = curvlinops.GGNLinearOperator(model.eval(), nn.CrossEntropyLoss(), params, data)
-        top_theirs = float(eigsh(theirs.to_scipy(), k=1, which="LA", tol=1e-12)[0][0])
+        top_theirs = float(eigsh(theirs.to_scipy(), k=1, which="LA", tol=1e-10)[0][0])
         gen = torch.Generator().manual_seed(0)
-        probes = [rademacher(ours.dim, gen) for _ in range(20)]
+        probes = [rademacher(ours.dim, gen) for _ in range(8)]
         hutch_theirs = sum(float(z @ (theirs @ z)) for z in probes) / len(probes)
-    res = hessian_eigen(model, F.cross_entropy, data, curvature="ggn", tol=1e-10, max_iter=300)
+    res = hessian_eigen(model, F.cross_entropy, data, curvature="ggn", tol=1e-8, max_iter=300)
     assert rel(res.values[0], top_theirs) < 1e-6
     from sgdlab.analysis import estimate_trace
 
-    est = estimate_trace(ours, method="hutchinson", num_matvecs=20, seed=0)  # the same probes, same order
+    est = estimate_trace(ours, method="hutchinson", num_matvecs=8, seed=0)  # the same probes, same order
     assert rel(est.value, hutch_theirs) < 1e-6
 
 
@@ -321,3 +321,24 @@ def test_benchmark_gpt2_case_builds_matching_products():
         assert torch.equal(logits, model(input_ids=batch["input_ids"]).logits)
         labels = batch["labels"]
         assert torch.equal(bench._CausalLMLoss()(logits, labels), causal_lm_loss(logits, labels))
+
+
+def test_an_op_without_second_derivative_is_named_with_a_hint():
+    """A model calling the fused CPU flash kernel directly (no math fallback possible): the error keeps
+    autograd's message and says what to try."""
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            q = self.q(x).unsqueeze(1)
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0]
+            return self.head(out.squeeze(1).mean(1))
+
+    x, y = torch.randn(3, 5, 4), torch.tensor([0, 1, 0])
+    op = HessianOperator(Fused(), F.cross_entropy, (x, y))
+    with pytest.raises(RuntimeError, match="not implemented.*attn_implementation='eager'"):
+        op.matvec(torch.ones(op.dim))
