@@ -59,8 +59,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgdlab.analysis import HessianOperator, causal_lm_loss, estimate_trace, top_eigenvalues
-from sgdlab.analysis._data import differentiable_attention
+from sgdlab.analysis import (
+    HessianOperator,
+    causal_lm_loss,
+    differentiable_attention,
+    estimate_trace,
+    top_eigenvalues,
+)
 
 # Relative rounding of a float32 Hessian-vector product: below it, eigenvalue errors of converged runs
 # differ by the order in which float32 sums were taken, not by the method.

@@ -16,12 +16,12 @@ from sgdlab.analysis import (
     HessianOperator,
     causal_lm_loss,
     curvature_blocks,
+    differentiable_attention,
     hessian_eigen,
     hessian_trace,
     hf_loss,
     model_sharpness,
 )
-from sgdlab.analysis._data import differentiable_attention
 from sgdlab.analysis.estimators import rademacher
 
 transformers = pytest.importorskip("transformers")

@@ -6,6 +6,7 @@ weighted by size), computed with the model in eval mode (its mode is restored). 
 ``model_sharpness`` also take Hugging Face dict batches and ``ModelOutput``s (see :mod:`.losses`).
 """
 
+from ._data import differentiable_attention
 from .blocks import BlockTable, block_partition, curvature_blocks
 from .equilibrium import (
     hessian_logdet,
@@ -70,6 +71,7 @@ __all__: list[str] = [
     "log_minimum_weight",
     "hessian_logdet",
     "causal_lm_loss",
+    "differentiable_attention",
     "hf_loss",
     "plot_interpolation",
     "plot_spectral_density",

@@ -14,7 +14,7 @@ data gives the same operator.
 
 Models that call ``scaled_dot_product_attention`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``,
 Hugging Face models with ``attn_implementation="sdpa"``) work unchanged: every product and gradient runs
-under :func:`sgdlab.analysis._data.analysis_mode`, which selects the math attention kernel (the fused
+under :func:`sgdlab.analysis.differentiable_attention` (and eval mode), which selects the math attention kernel (the fused
 kernels have no double backward, PyTorch #116350) and switches off the fused fast path of
 ``torch.nn``'s attention layers. ``data`` may also be Hugging Face dict batches (see
 :mod:`sgdlab.analysis.losses` for the matching ``loss_fn``).
