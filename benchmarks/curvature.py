@@ -29,6 +29,12 @@ trained on MNIST-1D instead of Gaussian clusters, is a control for the data) it 
 - with ``--parts split``, our Hutch++ and Krylov variant on the same dense reference with other splits of the
   budget between sketch and probes (``--split-shares``), each against Hutchinson@3m.
 
+``--models gpt2`` is a tiny Hugging Face ``GPT2LMHeadModel`` (sdpa attention, built from a config, no
+download) on one dict batch of token sequences with the causal-LM loss (:func:`sgdlab.analysis.causal_lm_loss`):
+it reports the time per HVP, ours / curvlinops (curvlinops run under the same math attention kernel, which
+it needs too), and the relative difference of the two products (see docs/curvature.md, "Attention models
+and Hugging Face").
+
 References are dense: the float64 Hessian by ``torch.func.hessian`` where it has at most ``--dense-max``
 parameters and no convolution, else assembled column by column from float64 HVPs of a float64 copy of the model; its top
 eigenvalue and trace are the truth for every estimate. Eigenvalue errors are compared up to ``FLOOR``
@@ -53,8 +59,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgdlab.analysis import HessianOperator, estimate_trace, top_eigenvalues
-
+from sgdlab.analysis import (
+    HessianOperator,
+    causal_lm_loss,
+    differentiable_attention,
+    estimate_trace,
+    top_eigenvalues,
+)
 
 # Relative rounding of a float32 Hessian-vector product: below it, eigenvalue errors of converged runs
 # differ by the order in which float32 sums were taken, not by the method.
@@ -404,6 +415,77 @@ def _vs(ours: tuple[float, float], other: tuple[float, float]) -> str:
     return "NOT met" if ours[0] - other[0] > 2 * math.hypot(ours[1], other[1]) else "within noise"
 
 
+def tiny_gpt2(n: int, seed: int = 0):
+    """A tiny GPT2LMHeadModel (2 layers, width 16, vocabulary 50, sdpa attention) and a dict batch of ``n``
+    sequences of 8 tokens, the last two of every other sequence not counted (label -100)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (n, 8), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[::2, -2:] = -100
+    return model, {"input_ids": ids, "labels": labels}
+
+
+class _LMLogits(nn.Module):
+    """``input_ids -> logits`` around a Hugging Face causal LM (curvlinops calls ``model(X)``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+class _CausalLMLoss(nn.Module):
+    reduction = "mean"  # curvlinops weights batches by their share of the examples, as we do
+
+    def forward(self, logits, labels):
+        return causal_lm_loss(logits, labels)
+
+
+def gpt2_ops(model, batch, have: dict) -> dict:
+    """Hessian products on the tiny GPT-2: ours on the model and dict batch as they are, curvlinops on a
+    logits wrapper under the math attention kernel."""
+    ops = {"sgdlab": HessianOperator(model, causal_lm_loss, batch).matvec,
+           "sgdlab (no graph cache)": HessianOperator(model, causal_lm_loss, batch, cache_graph=False).matvec}
+    if "curvlinops" in have:
+        wrapped = _LMLogits(model)
+        with differentiable_attention():
+            a = have["curvlinops"].HessianLinearOperator(
+                wrapped, _CausalLMLoss(), [p for p in wrapped.parameters()],
+                [(batch["input_ids"], batch["labels"])], check_deterministic=False)
+
+        def theirs(v, a=a):
+            with differentiable_attention():
+                return a @ v
+
+        ops["curvlinops"] = theirs
+    return ops
+
+
+def gpt2_case(args, have: dict) -> None:
+    model, batch = tiny_gpt2(min(args.examples, 64))
+    dim = sum(p.numel() for p in model.parameters())
+    print(f"\ngpt2 (tiny GPT2LMHeadModel, sdpa): {dim} parameters, {batch['input_ids'].shape[0]} sequences of 8 "
+          "tokens, causal-LM loss")
+    ops = gpt2_ops(model, batch, have)
+    times = time_hvps(ops, dim, args.repeats, args.hvps)
+    print("  time per HVP (median of interleaved rounds): " + ", ".join(
+        f"{n} {1e3 * t:.2f} ms" for n, t in times.items()))
+    if "curvlinops" in times:
+        print(f"    ratio sgdlab / curvlinops: {times['sgdlab'] / times['curvlinops']:.2f} (cached graph), "
+              f"{times['sgdlab (no graph cache)'] / times['curvlinops']:.2f} (no cache)")
+        v = torch.randn(dim, generator=torch.Generator().manual_seed(2))
+        ours, theirs = ops["sgdlab"](v).float(), ops["curvlinops"](v)
+        print(f"    relative difference of the products |ours - curvlinops| / |ours|: "
+              f"{float((ours - theirs).norm() / ours.norm()):.2e} (float32)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="mlp,cnn-bn,cnn1d")
@@ -433,6 +515,9 @@ def main() -> None:
     crossover_budgets = [int(b) for b in args.crossover_budgets.split(",")]
     parts = set(args.parts.split(","))
     for name in args.models.split(","):
+        if name == "gpt2":
+            gpt2_case(args, have)
+            continue
         model, x, y = build(name, args.examples)
         dim = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()

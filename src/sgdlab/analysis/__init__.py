@@ -2,9 +2,11 @@
 
 Every function takes ``data`` as an ``(x, y)`` pair of tensors or an iterable of such batches and a
 ``loss_fn(logits, y)`` returning the mean loss of a batch; results are averages over examples (batches
-weighted by size), computed with the model in eval mode (its mode is restored).
+weighted by size), computed with the model in eval mode (its mode is restored). The curvature tools and
+``model_sharpness`` also take Hugging Face dict batches and ``ModelOutput``s (see :mod:`.losses`).
 """
 
+from ._data import differentiable_attention
 from .blocks import BlockTable, block_partition, curvature_blocks
 from .equilibrium import (
     hessian_logdet,
@@ -28,6 +30,7 @@ from .hessian import (
     spectral_density,
 )
 from .interpolation import evaluate, interpolate, interpolation_coefficients
+from .losses import causal_lm_loss, hf_loss
 from .noise import gradient_noise_scale, gradient_noise_stats, sgd_noise_scale
 from .operators import CurvatureOperator, curvature_operator
 from .plots import plot_interpolation, plot_sharpness_vs_batch, plot_spectral_density
@@ -67,6 +70,9 @@ __all__: list[str] = [
     "log_probability_ratio",
     "log_minimum_weight",
     "hessian_logdet",
+    "causal_lm_loss",
+    "differentiable_attention",
+    "hf_loss",
     "plot_interpolation",
     "plot_spectral_density",
     "plot_sharpness_vs_batch",

@@ -5,62 +5,136 @@ Every diagnostic takes ``data`` as an ``(x, y)`` pair of tensors or an iterable 
 Quantities are averages over examples: a batch of ``n_b`` examples out of ``N`` is weighted by
 ``n_b / N``, so the result does not depend on how the data are batched. The model is evaluated in eval
 mode (BatchNorm uses its running statistics, dropout is off) and its previous mode is restored.
+
+The curvature tools and :func:`sgdlab.analysis.model_sharpness` also take Hugging Face style batches: a
+dict of model inputs with a ``"labels"`` entry (or an ``(inputs_dict, labels)`` pair), or an iterable of
+them. The model is then called as ``model(**inputs)`` (``labels`` is not passed, so the model does not
+compute its own loss), an output with a ``.logits`` attribute (a ``transformers`` ``ModelOutput``) is
+unwrapped, and ``loss_fn(logits, labels)`` gives the batch loss; a batch counts ``labels.shape[0]``
+examples (sequences).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = list[tuple[Any, torch.Tensor]]  # x: a tensor, or a dict of model inputs (``dicts=True``)
 
 
-def as_batches(data: Any, *, device: torch.device | None = None, name: str = "data") -> Batches:
+def _is_pair(data: Any, dicts: bool) -> bool:
+    return (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+            and (isinstance(data[0], torch.Tensor) or (dicts and isinstance(data[0], Mapping))))
+
+
+def _dict_batch(item: Mapping, name: str) -> tuple[dict, Any]:
+    if "labels" not in item:
+        keys = ", ".join(repr(k) for k in list(item)[:6])
+        raise ValueError(f"{name}: a dict batch needs a 'labels' entry (the targets of loss_fn), "
+                         f"got keys {keys}")
+    return {k: v for k, v in item.items() if k != "labels"}, item["labels"]
+
+
+def as_batches(
+    data: Any, *, device: torch.device | None = None, name: str = "data", dicts: bool = False
+) -> Batches:
     """Normalise ``data`` to a non-empty list of ``(x, y)`` batches (moved to ``device`` if given).
 
-    Raises ``ValueError`` naming ``name`` if the data are empty or not pairs of tensors.
+    With ``dicts=True`` a batch may also be a dict of model inputs with a ``"labels"`` entry (it becomes
+    ``(inputs, labels)``) or an ``(inputs_dict, labels)`` pair; ``data`` may be one such dict. Raises
+    ``ValueError`` naming ``name`` if the data are empty or not batches.
     """
+    want = "an (x, y) pair of tensors" + (" or a dict batch with 'labels'" if dicts else "")
     if data is None:
-        raise ValueError(f"{name}: expected an (x, y) pair of tensors or an iterable of batches, got None")
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        pairs: Iterable = [tuple(data)]
+        raise ValueError(f"{name}: expected {want} or an iterable of batches, got None")
+    if _is_pair(data, dicts) or (dicts and isinstance(data, Mapping)):
+        pairs: Iterable = [data]
     else:
         pairs = data
     out: Batches = []
     try:
         iterator = iter(pairs)
     except TypeError as exc:
-        raise ValueError(f"{name}: expected an (x, y) pair of tensors or an iterable of batches") from exc
+        raise ValueError(f"{name}: expected {want} or an iterable of batches") from exc
     for item in iterator:
+        if dicts and isinstance(item, Mapping):
+            item = _dict_batch(item, name)
         if not (isinstance(item, tuple | list) and len(item) >= 2):
-            raise ValueError(
-                f"{name}: every batch must be an (x, y) pair of tensors, got {type(item).__name__}"
-            )
+            raise ValueError(f"{name}: every batch must be {want}, got {type(item).__name__}")
         x, y = item[0], item[1]
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise ValueError(f"{name}: every batch must be an (x, y) pair of tensors")
-        if x.ndim == 0 or x.shape[0] != y.shape[0]:
+        if not _is_pair((x, y), dicts):
+            raise ValueError(f"{name}: every batch must be {want}")
+        n = batch_size(x) if isinstance(x, Mapping) else (x.shape[0] if x.ndim else -1)
+        if y.ndim == 0 or n != y.shape[0]:
+            got = {k: tuple(v.shape) for k, v in x.items() if isinstance(v, torch.Tensor)} if isinstance(
+                x, Mapping) else tuple(x.shape)
             raise ValueError(
-                f"{name}: x and y must have the same number of examples (got {tuple(x.shape)} "
-                f"and {tuple(y.shape)})"
+                f"{name}: x and y must have the same number of examples (got {got} and {tuple(y.shape)})"
             )
-        if x.shape[0] == 0:
+        if y.shape[0] == 0:
             continue
+        if isinstance(x, Mapping):
+            x = dict(x)
         if device is not None:
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device), y.to(device)
         out.append((x, y))
     if not out:
         raise ValueError(f"{name} is empty: no examples to evaluate on")
     return out
 
 
+def batch_size(x: Any) -> int:
+    """Examples in a batch's inputs: ``x.shape[0]``, or for a dict that of its first batched tensor."""
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, torch.Tensor) and v.ndim:
+                return int(v.shape[0])
+        return -1
+    return int(x.shape[0])
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """``x`` (a tensor or a dict of inputs) with every tensor moved to ``device``."""
+    if isinstance(x, Mapping):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+    return x.to(device)
+
+
+def take(x: Any, idx: torch.Tensor, n: int) -> Any:
+    """Rows ``idx`` of a batch's inputs (for a dict: of every tensor whose leading dimension is ``n``)."""
+    if isinstance(x, Mapping):
+        return {k: (v[idx] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v)
+                for k, v in x.items()}
+    return x[idx]
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor as is, or the ``.logits`` of a ``ModelOutput``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            "model output: expected a tensor of logits or an output with a .logits tensor, "
+            f"got {type(out).__name__}"
+        )
+    return logits
+
+
+def forward(model: Any, x: Any) -> torch.Tensor:
+    """The logits of ``model`` on a batch's inputs: ``model(x)``, or ``model(**x)`` for a dict."""
+    return logits_of(model(**x) if isinstance(x, Mapping) else model(x))
+
+
 def num_examples(batches: Batches) -> int:
     """Total number of examples in ``batches``."""
-    return sum(int(x.shape[0]) for x, _ in batches)
+    return sum(int(y.shape[0]) for _, y in batches)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -139,6 +213,50 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
         for modes in saved:
             for m, training in modes:
                 m.training = training
+
+
+def _set_sdpa_math_only() -> Any:
+    """Restrict ``scaled_dot_product_attention`` to its math backend; returns a function restoring it."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        ctx = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    else:
+        ctx = sdpa_kernel(SDPBackend.MATH)
+    ctx.__enter__()
+    return lambda: ctx.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention that supports double backward, for the duration of the block (process-wide flags).
+
+    ``scaled_dot_product_attention`` is restricted to its math backend: the fused kernels (flash on CPU
+    and CUDA, memory-efficient and cuDNN on CUDA) have no derivative of their backward (PyTorch issue
+    #116350), while the math backend is made of ordinary differentiable operations and computes the same
+    function. The fast path of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (the fused
+    ``torch._native_multi_head_attention`` / ``torch._transformer_encoder_layer_fwd`` kernels that eval mode
+    may take) is switched off through ``torch.backends.mha``, so every evaluation runs the same math.
+    Both settings are restored on exit.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    restore = _set_sdpa_math_only()
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+        restore()
+
+
+@contextlib.contextmanager
+def analysis_mode(*models: nn.Module) -> Iterator[None]:
+    """:func:`eval_mode` and :func:`differentiable_attention` together: how every diagnostic runs a model."""
+    with eval_mode(*models), differentiable_attention():
+        yield
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,13 @@ data gives the same operator.
   block (the second term of the Gauss-Newton decomposition ``H = G + sum_i (dL/df_i) d^2 f_i/dw^2``
   vanishes).
 
+Models that call ``scaled_dot_product_attention`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``,
+Hugging Face models with ``attn_implementation="sdpa"``) work unchanged: every product and gradient runs
+under :func:`sgdlab.analysis.differentiable_attention` (and eval mode), which selects the math attention kernel (the fused
+kernels have no double backward, PyTorch #116350) and switches off the fused fast path of
+``torch.nn``'s attention layers. ``data`` may also be Hugging Face dict batches (see
+:mod:`sgdlab.analysis.losses` for the matching ``loss_fn``).
+
 Inside a ``torch.distributed`` job (gloo or nccl) each rank passes its own shard of the data; the
 example count and every product are all-reduced, so every rank holds the operator of the union of the
 shards (``distributed=False`` keeps a rank's operator local). ``to_scipy()`` wraps an operator as a
@@ -20,6 +27,7 @@ shards (``distributed=False`` keeps a rank's operator local). ``to_scipy()`` wra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,13 +37,15 @@ import torch.nn as nn
 
 from ._data import (
     Batches,
+    analysis_mode,
     as_batches,
     check_loss,
-    eval_mode,
     flatten,
+    forward,
     model_device,
     num_examples,
     select_parameters,
+    take,
     unflatten,
     unwrap_model,
 )
@@ -84,7 +94,7 @@ class CurvatureOperator:
         self.names = [n for n, _ in named]
         self.device = model_device(self.model)
         self.dtype = self.params[0].dtype
-        self.batches: Batches = as_batches(data, device=self.device)
+        self.batches: Batches = as_batches(data, device=self.device, dicts=True)
         self.distributed = _dist_active(distributed)
         n = float(num_examples(self.batches))
         if self.distributed:
@@ -92,7 +102,7 @@ class CurvatureOperator:
             torch.distributed.all_reduce(t)
             n = float(t.item())
         self.num_examples = int(round(n))
-        self.weights = [x.shape[0] / n for x, _ in self.batches]
+        self.weights = [y.shape[0] / n for _, y in self.batches]
         self.dim = sum(p.numel() for p in self.params)
         self.shape = (self.dim, self.dim)
         self.num_matvecs = 0
@@ -109,7 +119,7 @@ class CurvatureOperator:
             raise ValueError(f"v has {v.numel()} entries, the block has {self.dim} trainable parameters")
         vs = unflatten(v.reshape(-1).to(device=self.device, dtype=self.dtype), self.params)
         out = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        with eval_mode(self.model):
+        with analysis_mode(self.model), _explain_missing_derivative():
             for i, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
                 out += w * _flat_or_zero(self._batch_product(i, x, y, vs), self.params)
         if self.distributed:
@@ -155,8 +165,9 @@ class CurvatureOperator:
         each batch of ``n_b`` examples is replaced by ``n_b`` draws with replacement from itself."""
         batches = []
         for x, y in self.batches:
-            idx = torch.randint(0, x.shape[0], (x.shape[0],), generator=generator).to(x.device)
-            batches.append((x[idx], y[idx]))
+            n = y.shape[0]
+            idx = torch.randint(0, n, (n,), generator=generator).to(y.device)
+            batches.append((take(x, idx, n), y[idx]))
         return type(self)(
             self.model, self.loss_fn, batches, block=self.block, distributed=self.distributed,
             **self._extra_kwargs(),
@@ -169,9 +180,9 @@ class CurvatureOperator:
         """Mean loss over the data and its gradient with respect to the block (flat, float64)."""
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         grad = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        with eval_mode(self.model):
+        with analysis_mode(self.model):
             for (x, y), w in zip(self.batches, self.weights):
-                loss = check_loss(self.loss_fn(self.model(x), y))
+                loss = check_loss(self.loss_fn(forward(self.model, x), y))
                 g = torch.autograd.grad(loss, self.params, allow_unused=True)
                 total += w * loss.detach().to(torch.float64)
                 grad += w * _flat_or_zero(g, self.params)
@@ -215,7 +226,7 @@ class HessianOperator(CurvatureOperator):
         return {"cache_graph": self.cache_graph}
 
     def _grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        loss = check_loss(self.loss_fn(self.model(x), y))
+        loss = check_loss(self.loss_fn(forward(self.model, x), y))
         return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
 
     def _batch_product(self, i, x, y, vs):
@@ -250,7 +261,7 @@ class GGNOperator(CurvatureOperator):
     kind = "ggn"
 
     def _batch_product(self, i, x, y, vs):
-        out = self.model(x)
+        out = forward(self.model, x)
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, self.params, grad_outputs=u, create_graph=True, allow_unused=True)
         pairs = [(g, v) for g, v in zip(jtu, vs) if g is not None]
@@ -277,6 +288,21 @@ def curvature_operator(
     if curvature != "hessian":
         kwargs.pop("cache_graph", None)
     return OPERATORS[curvature](model, loss_fn, data, block=block, **kwargs)
+
+
+@contextlib.contextmanager
+def _explain_missing_derivative():
+    """Re-raise autograd's "derivative for X is not implemented" with what to do about it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{exc}. Curvature products differentiate the model twice and this operation has no second "
+            "derivative; scaled_dot_product_attention is already run with its math kernel here, so the op "
+            "comes from elsewhere (for a Hugging Face model, try attn_implementation='eager')"
+        ) from exc
 
 
 def _flat_or_zero(gs: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -22,10 +22,11 @@ import torch.nn as nn
 from scipy.optimize import minimize
 
 from ._data import (
+    analysis_mode,
     as_batches,
     check_loss,
-    eval_mode,
     flatten,
+    logits_of,
     model_device,
     num_examples,
     trainable_parameters,
@@ -178,7 +179,7 @@ def model_sharpness(
     model = unwrap_model(model)
     named = trainable_parameters(model)
     device = model_device(model)
-    batches = as_batches(data, device=device)
+    batches = as_batches(data, device=device, dicts=True)
     total = num_examples(batches)
     names = [n for n, _ in named]
     base = flatten([p.detach() for _, p in named])
@@ -201,7 +202,12 @@ def model_sharpness(
     trainable = set(names)
     buffers.update({k: p.detach().to(work_dtype) for k, p in model.named_parameters()
                     if k not in trainable and p.is_floating_point()})
-    batches_w = [(x.to(work_dtype) if x.is_floating_point() else x, y) for x, y in batches]
+    def cast(t: Any) -> Any:
+        return t.to(work_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    # dict batches (Hugging Face inputs) go in as keyword arguments
+    calls = [(((), {k: cast(v) for k, v in x.items()}) if isinstance(x, dict) else ((cast(x),), {}), y)
+             for x, y in batches]
 
     def f(flat: torch.Tensor) -> torch.Tensor:
         flat = flat.to(device=device, dtype=work_dtype)
@@ -211,12 +217,12 @@ def model_sharpness(
             params[name] = flat[i : i + k].view(shape)
             i += k
         out = 0.0
-        for x, y in batches_w:
-            loss = check_loss(loss_fn(torch.func.functional_call(model, {**buffers, **params}, (x,)), y))
-            out = out + loss * (x.shape[0] / total)
+        for (args, kwargs), y in calls:
+            logits = logits_of(torch.func.functional_call(model, {**buffers, **params}, args, kwargs))
+            out = out + check_loss(loss_fn(logits, y)) * (y.shape[0] / total)
         return out.to(torch.float64).cpu()
 
-    with eval_mode(model):
+    with analysis_mode(model):
         return keskar_sharpness(
             f,
             base.to(torch.float64).cpu(),
