@@ -41,9 +41,8 @@ def _factory(name: str, batch: int = B):
     return make
 
 
-def _stop_and_resume(tmp_path, name, workers, **kw):
+def _stop_and_resume(tmp_path, name, workers, stop=24, **kw):
     full = run(tmp_path / "full", _factory(name), workers=workers, **kw)
-    stop = kw.pop("stop_at", 24)
     first = run(tmp_path / "stopped", _factory(name), workers=workers, stop_at=stop, **kw)
     assert os.path.isfile(os.path.join(checkpoint(tmp_path / "stopped", stop), "sgdlab_sampler.pt"))
     rest = run(tmp_path / "resumed", _factory(name), workers=workers,
@@ -76,7 +75,7 @@ def test_trainer_resume_after_the_first_epoch_is_exact(tmp_path, name, workers):
 @pytest.mark.parametrize("name", ["srs", "importance"])
 def test_trainer_resume_with_gradient_accumulation_on_a_causal_lm(tmp_path, name):
     # 2 micro-batches per step: checkpoint at step 12 = micro-batch 24, inside the second epoch
-    kw = dict(model=gpt2, lm=True, accumulation=2, max_steps=20, save_steps=4, stop_at=12)
+    kw = dict(model=gpt2, lm=True, accumulation=2, max_steps=20, save_steps=4, stop=12)
     _assert_exact(*_stop_and_resume(tmp_path, name, 2, **kw), 40)
 
 

@@ -48,6 +48,10 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("sgdlab.integrations.transformers needs transformers: pip install 'sgdlab[transformers]'") from e
 
+if not hasattr(transformers.Trainer, "get_resumed_dataloader"):  # pragma: no cover - transformers < 5
+    raise ImportError("sgdlab.integrations.transformers needs transformers>=5 (Trainer.get_resumed_dataloader): "
+                      "pip install 'sgdlab[transformers]'")
+
 import torch
 
 from ..sampling.importance import LOSSES, model_logits, model_scorer, per_example_loss, upper_bound_scores

@@ -206,7 +206,12 @@ def upper_bound_scores(logits: torch.Tensor, targets: torch.Tensor, loss: LossAr
     _check_loss(loss)
     if loss in SEQUENCE_LOSSES:
         with torch.no_grad():
-            return _token_scores(*_tokens(logits.detach(), targets, loss))
+            z = logits.detach()
+            _tokens(z, targets, loss)  # validation
+            y = targets.long()
+            if loss == "causal_lm":  # the last position predicts nothing: a zero row, as an uncounted token
+                y = torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), IGNORE_INDEX)], dim=1)
+            return _token_scores(z, y)  # all positions: the softmax runs on contiguous logits
     if not torch.is_tensor(logits) or logits.ndim < 1:
         raise ValueError(f"logits must be a tensor of shape (N, ...), got {getattr(logits, 'shape', logits)!r}")
     if not logits.is_floating_point():
