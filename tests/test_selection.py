@@ -276,3 +276,21 @@ def test_selective_backprop_select_scores_downscaled_images():
     assert sb(losses, step=0, progress=0.0) is losses  # the selection already happened
     sb2 = SelectiveBackprop(0.5, method="select", interrupt=1)
     assert sb2.select(Net(), x, y, ce, step=0, progress=0.0) is None and sb2.selection_forwards == 0
+
+
+def test_infobatch_tail_by_progress_and_epochs_done():
+    """Without ``epochs`` the tail starts with the first epoch planned at progress >= delta."""
+    s = InfoBatch(40, 10, prune=0.5, delta=0.5, seed=1)
+    assert s.epochs_done == 0.0
+    _drive(s, 4)  # epoch 0: full, 4 steps
+    assert s.epochs_done == 1.0
+    s.set_progress(0.4)
+    _drive(s, 1, 4)
+    assert s.pruning() and s.metrics()["ib_kept_fraction"] < 1 and s.epochs_done == 1 + 1 / s.epoch_steps
+    _drive(s, s.epoch_steps - 1, 5)
+    s.set_progress(0.5)  # the next epoch is planned at progress 0.5: full data
+    _drive(s, 1, 10)
+    assert not s.pruning() and s.epoch == 2 and s.epoch_steps == 4 and (s.last_weights == 1).all()
+    t = InfoBatch(40, 10, prune=0.5, delta=0.5, seed=1)
+    t.load_state_dict(_roundtrip(s.state_dict()))
+    assert t.progress == 0.5 and t.epochs_done == s.epochs_done

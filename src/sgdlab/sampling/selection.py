@@ -92,7 +92,9 @@ class InfoBatch:
         batch_size: ``b`` per rank.
         prune: ``r`` in [0, 1), the fraction of well-learned examples left out each epoch (0.5).
         delta: in (0, 1]; pruning stops at epoch ``delta * epochs`` (0.875).
-        epochs: the run's length in (InfoBatch) epochs, for the full-data tail.
+        epochs: the run's length in (InfoBatch) epochs, for the full-data tail; None: the tail starts with the
+            first epoch that begins once :attr:`progress` (set by :meth:`set_progress`, e.g. the fraction of a
+            compute budget spent) reaches ``delta``.
         seed, rank, world_size: generator seed (same on every rank) and DDP placement.
 
     ``len()`` is the number of steps of a full (unpruned) epoch; :attr:`epoch_steps` the steps of the current
@@ -103,14 +105,15 @@ class InfoBatch:
     wants_losses = True
 
     def __init__(self, num_samples: int, batch_size: int, *, prune: float = 0.5, delta: float = 0.875,
-                 epochs: float, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 epochs: float | None = None, seed: int = 0, rank: int | None = None, world_size: int | None = None):
         check_sizes(num_samples, batch_size)
         self.prune = _fraction("prune", prune, lo_open=False, hi_open=True)
         self.delta = _fraction("delta", delta, lo_open=True, hi_open=False)
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs)
-                                                                                    and epochs > 0):
-            raise ValueError(f"epochs must be a positive number (the run's length in epochs), got {epochs!r}")
-        self.epochs = float(epochs)
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                                   or not (math.isfinite(epochs) and epochs > 0)):
+            raise ValueError(f"epochs must be a positive number (the run's length in epochs) or None, got {epochs!r}")
+        self.epochs = None if epochs is None else float(epochs)
+        self.progress = 0.0           # fraction of the run done, set by the trainer when epochs is None
         self.seed = _check_seed(seed)
         self._alone = (rank is None or world_size is None) and not group_initialized()
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -130,9 +133,26 @@ class InfoBatch:
     # -- the plan -------------------------------------------------------------------------------
 
     def pruning(self, epoch: int | None = None) -> bool:
-        """Whether epoch ``epoch`` (default: the current one) prunes: ``epoch < delta * epochs``."""
+        """Whether epoch ``epoch`` (default: the current one) prunes: ``epoch < delta * epochs``, or, without
+        ``epochs``, whether the run's :attr:`progress` at the epoch's start is below ``delta``."""
+        if self.prune == 0:
+            return False
+        if self.epochs is None:
+            return self.progress < self.delta - 1e-12
         e = self.epoch if epoch is None else epoch
-        return self.prune > 0 and e < self.delta * self.epochs - 1e-9
+        return e < self.delta * self.epochs - 1e-9
+
+    def set_progress(self, progress: float) -> None:
+        """The fraction of the run done (for a budget not in epochs: compute or time); read when an epoch is
+        planned, so the full-data tail starts with the first epoch that begins at ``progress >= delta``."""
+        self.progress = float(progress)
+
+    @property
+    def epochs_done(self) -> float:
+        """InfoBatch epochs completed, with the fraction of the current one (its own, pruned, length)."""
+        if self._order is None:
+            return float(self.epoch)
+        return self.epoch + self.step / self.epoch_steps
 
     def _plan(self) -> None:
         gen = _keyed_generator(self.seed, _INFOBATCH_STREAM, self.epoch)
@@ -207,7 +227,7 @@ class InfoBatch:
         planned = self._order is not None
         return {"kind": "infobatch", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "prune": self.prune, "delta": self.delta, "epochs": self.epochs,
-                "losses": self.losses.clone(), "epoch": self.epoch, "step": self.step, "steps": self.steps,
+                "losses": self.losses.clone(), "progress": self.progress, "epoch": self.epoch, "step": self.step, "steps": self.steps,
                 "planned": planned, "order": self._order.clone() if planned else torch.zeros(0, dtype=torch.long),
                 "weights": self._weights.clone() if planned else torch.zeros(0)}
 
@@ -222,6 +242,7 @@ class InfoBatch:
         if losses.shape != (self.num_samples,):
             raise ValueError(f"state['losses'] must have shape ({self.num_samples},)")
         self.losses = losses.clone()
+        self.progress = float(state.get("progress", 0.0))
         self.epoch, self.step, self.steps = int(state["epoch"]), int(state["step"]), int(state["steps"])
         if min(self.epoch, self.step, self.steps) < 0:
             raise ValueError("state epoch, step and steps must be non-negative")
@@ -233,7 +254,7 @@ class InfoBatch:
 
     def __repr__(self) -> str:
         return (f"InfoBatch(num_samples={self.num_samples}, batch_size={self.batch_size}, prune={self.prune}, "
-                f"delta={self.delta}, epochs={self.epochs:g}, seed={self.seed}, rank={self.rank}, "
+                f"delta={self.delta}, epochs={self.epochs}, seed={self.seed}, rank={self.rank}, "
                 f"world_size={self.world_size})")
 
 
@@ -429,15 +450,11 @@ def train_irreducible(model: torch.nn.Module, fetch: Callable[[torch.Tensor], tu
 @register("infobatch")
 def _infobatch_factory(ctx: SourceContext, *, prune: float = 0.5, delta: float = 0.875,
                        epochs: float | None = None) -> InfoBatch:
-    """Config ``sampler: {name: infobatch, prune: 0.5, delta: 0.875, epochs: 20}`` (``epochs`` defaults to the
-    run's duration when that is in epochs)."""
+    """Config ``sampler: {name: infobatch, prune: 0.5, delta: 0.875}``. ``epochs`` defaults to the run's
+    duration when that is in epochs (the engine then counts InfoBatch's own, pruned, epochs); otherwise the
+    full-data tail follows the run's progress (:meth:`InfoBatch.set_progress`)."""
     if epochs is None:
         epochs = ctx.extra.get("epochs")
-    if epochs is None and ctx.train_x is None:
-        epochs = 1.0  # a config check on a stand-in dataset: the engine passes the real length
-    if epochs is None:
-        raise ValueError("infobatch needs epochs (the run's length in epochs, for the full-data tail) unless the "
-                         "duration is in epochs")
     return InfoBatch(ctx.num_samples, ctx.batch_size, prune=prune, delta=delta, epochs=epochs, seed=ctx.seed,
                      rank=ctx.rank, world_size=ctx.world_size)
 
