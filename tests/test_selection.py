@@ -294,3 +294,97 @@ def test_infobatch_tail_by_progress_and_epochs_done():
     t = InfoBatch(40, 10, prune=0.5, delta=0.5, seed=1)
     t.load_state_dict(_roundtrip(s.state_dict()))
     assert t.progress == 0.5 and t.epochs_done == s.epochs_done
+
+
+# -- the engine: forward-equivalents, RHO-LOSS's cached holdout model, InfoBatch's own epochs ----------------
+
+
+def _cfg(**over):
+    cfg = {"seed": 0, "device": "cpu", "threads": 1, "duration": "20 steps", "cost_ratio": 2.0,
+           "data": {"name": "synthetic", "num_samples": 150, "shape": [20], "num_classes": 3, "seed": 0},
+           "model": {"name": "mlp", "hidden": [16]}, "sampler": {"name": "epoch", "batch_size": 12},
+           "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "schedule": {"name": "constant"},
+           "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"every": 5, "progress": False}}
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_forward_equivalents_against_a_hand_count(tmp_path):
+    from sgdlab import train
+
+    n_train = 150
+    b, r = 12, 2.0
+    s = train.run(_cfg(), tmp_path / "uniform", quiet=True)
+    assert s["forward_equivalents"] == 20 * b * (1 + r) and s["cost_ratio"] == r
+    assert [row["fwd"] for row in _rows(tmp_path / "uniform")] == [k * b * (1 + r) for k in (5, 10, 15, 20)]
+    # a budget in forward-equivalents stops at the first step that reaches it
+    s = train.run(_cfg(duration="700 fwd", schedule={"name": "cosine", "unit": "fraction"}), tmp_path / "fwd",
+                  quiet=True)
+    assert s["steps"] == 20 and s["forward_equivalents"] == 720
+    # selective backprop (select): a scoring forward of 12, then forward and backward of the kept 6
+    sb = {"name": "cross_entropy", "selective_backprop": {"keep": 0.5, "method": "select"}}
+    s = train.run(_cfg(loss=sb), tmp_path / "sb", quiet=True)
+    assert s["forward_equivalents"] == 20 * (b + 6 * (1 + r))
+    # importance sampling: + the presample of every importance-sampled step
+    imp = {"name": "importance", "batch_size": b, "presample": 24, "tau_th": 0.0}
+    s = train.run(_cfg(sampler=imp), tmp_path / "is", quiet=True)
+    is_steps = torch.load(tmp_path / "is" / "checkpoints" / "last.pt", weights_only=True)["source"]["is_steps"]
+    assert is_steps > 0 and s["forward_equivalents"] == 20 * b * (1 + r) + is_steps * 24
+    # RHO-LOSS: the holdout model's training and scoring of all examples, then a presample per step
+    rho = {"name": "rho_loss", "batch_size": b, "presample": 24, "holdout": {"fraction": 0.25, "steps": 7}}
+    s = train.run(_cfg(sampler=rho), tmp_path / "rho", quiet=True)
+    setup = 7 * b * (1 + r) + n_train
+    assert s["setup_forwards"] == setup
+    assert s["forward_equivalents"] == setup + 20 * (24 + b * (1 + r))
+    # a measured ratio is stored and reused
+    s = train.run(_cfg(cost_ratio="auto"), tmp_path / "auto", quiet=True)
+    ckpt = torch.load(tmp_path / "auto" / "checkpoints" / "last.pt", weights_only=True)
+    assert s["cost_ratio"] > 0 and ckpt["budget"]["cost_ratio"] == s["cost_ratio"]
+
+
+def test_rho_loss_holdout_model_is_trained_once_and_reused_on_resume(tmp_path, monkeypatch):
+    from sgdlab import train
+    from sgdlab.sampling import selection
+
+    rho = {"name": "rho_loss", "batch_size": 12, "presample": 24, "holdout": {"fraction": 0.25, "steps": 7}}
+    calls = []
+    real = selection.train_irreducible
+    monkeypatch.setattr(selection, "train_irreducible", lambda *a, **k: calls.append(1) or real(*a, **k))
+    full = train.run(_cfg(sampler=rho), tmp_path / "full", quiet=True)
+    part = train.run(_cfg(sampler=rho, duration="10 steps"), tmp_path / "part", quiet=True)
+    assert len(calls) == 2 and (tmp_path / "part" / "cache" / "rho_loss_irreducible.pt").is_file()
+    monkeypatch.setattr(selection, "train_irreducible", lambda *a, **k: pytest.fail("trained again on resume"))
+    resumed = train.resume(tmp_path / "part", overrides=["duration=20 steps"], quiet=True)
+    assert resumed["steps"] == 20
+    assert resumed["forward_equivalents"] == full["forward_equivalents"]
+    assert resumed["final"] == full["final"]
+    # the rows agree except for the time and the evaluation at the end of the first part
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "test_loss", "test_acc")}  # noqa: E731
+                          for r in rows]
+    assert strip(_rows(tmp_path / "part")) == strip(_rows(tmp_path / "full"))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_infobatch_in_the_engine_resumes_exactly_and_counts_its_own_epochs(tmp_path):
+    from sgdlab import train
+
+    ib = {"name": "infobatch", "batch_size": 12, "prune": 0.5, "delta": 0.75}
+    s = train.run(_cfg(sampler=ib, duration="4 epochs"), tmp_path / "own", quiet=True)
+    rows = _rows(tmp_path / "own")
+    assert s["steps"] < 4 * 13 and rows[-1]["ib_epoch"] == 3  # 4 InfoBatch epochs of at most 13 steps
+    assert s["forward_equivalents"] == s["steps"] * 12 * 3
+    full = train.run(_cfg(sampler=ib, duration="25 steps"), tmp_path / "full", quiet=True)
+    train.run(_cfg(sampler=ib, duration="13 steps"), tmp_path / "part", quiet=True)  # mid-epoch
+    resumed = train.resume(tmp_path / "part", overrides=["duration=25 steps"], quiet=True)
+    assert resumed["final"] == full["final"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["source"]["losses"], b["source"]["losses"])
