@@ -236,7 +236,9 @@ class Config(_Strict):
     device: str = "auto"
     threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
-    cost_ratio: float | Literal["auto"] = "auto"
+    # backward/forward cost of the forward-equivalent budget: 2 (the FLOP ratio; deterministic) or "auto" (timed
+    # once on a training batch and stored in the run)
+    cost_ratio: float | Literal["auto"] = 2.0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
