@@ -388,3 +388,34 @@ def test_infobatch_in_the_engine_resumes_exactly_and_counts_its_own_epochs(tmp_p
     b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["source"]["losses"], b["source"]["losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["infobatch", "rho_loss"])
+def test_engine_two_gloo_ranks_match_one_process(tmp_path, sampler):
+    """torchrun, 2 CPU ranks with batch 6 against one process with batch 12: the same global batches."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from sgdlab import train
+
+    opts = {"infobatch": {"prune": 0.5, "delta": 0.75},
+            "rho_loss": {"presample": 24, "holdout": {"fraction": 0.25, "steps": 5}}}[sampler]
+    cfg = _cfg(sampler={"name": sampler, "batch_size": 6, **opts}, duration="30 steps")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sgdlab.cli",
+           "run", str(path), "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = train.run(dict(cfg, sampler=dict(cfg["sampler"], batch_size=12)), tmp_path / "one", quiet=True)
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["steps"] == single["steps"] == 30
+    assert ddp["forward_equivalents"] == single["forward_equivalents"]
+    one_rows, ddp_rows = _rows(tmp_path / "one"), _rows(tmp_path / "ddp")
+    assert [r["train_loss"] for r in ddp_rows] == pytest.approx([r["train_loss"] for r in one_rows], rel=1e-4)
