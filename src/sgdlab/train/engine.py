@@ -234,9 +234,9 @@ class _Run:
                 self._set_lr()
                 batch = self._next_batch()
                 x, y = self._inputs(batch)
-                if self.selectors:  # Composer-style selective backprop: train on the kept examples only
-                    batch, x, y = self._select(batch, x, y)
                 try:
+                    if self.selectors:  # Composer-style selective backprop: train on the kept examples only
+                        batch, x, y = self._select(batch, x, y)
                     with self._autocast():
                         logits = model(x)
                     losses = per_example_loss(loss_name, logits.float(), y, smoothing)
