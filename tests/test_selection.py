@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sgdlab.regularize import SelectiveBackprop, create_loss_transform  # noqa: E402
-from sgdlab.sampling import InfoBatch, RhoLoss, infobatch_weights  # noqa: E402
-from sgdlab.sampling.selection import holdout_split, train_irreducible  # noqa: E402
+from sgdlab.regularize import SelectiveBackprop, create_loss_transform
+from sgdlab.sampling import InfoBatch, RhoLoss, infobatch_weights
+from sgdlab.sampling.selection import holdout_split, train_irreducible
 
 
 def _roundtrip(state):
@@ -142,7 +142,7 @@ def test_infobatch_resumes_bit_exactly_mid_epoch():
 def test_infobatch_is_a_batch_sampler():
     s = InfoBatch(50, 5, epochs=4, seed=0)
     first = list(s)
-    assert len(first) == 10 and sorted(sum(first, [])) == list(range(50))
+    assert len(first) == 10 and sorted(i for b in first for i in b) == list(range(50))
     for i, batch in enumerate(first):
         s.observe(torch.tensor(batch), losses=_fake_loss(torch.tensor(batch), i))
     second = list(s)
@@ -266,7 +266,7 @@ def test_selective_backprop_select_scores_downscaled_images():
     x = torch.arange(6.0).reshape(6, 1, 1, 1).expand(6, 1, 8, 8).contiguous()
     y = torch.zeros(6, dtype=torch.long)
     sb = SelectiveBackprop(0.5, scale_factor=0.5, method="select")
-    ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
+    ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")
     keep = sb.select(Net(), x, y, ce, step=0, progress=0.0)
     assert shapes == [(6, 1, 4, 4)]
     # label 0 and logits (m, -m): the loss falls with m, so the 3 smallest means have the largest losses
@@ -356,7 +356,7 @@ def test_rho_loss_holdout_model_is_trained_once_and_reused_on_resume(tmp_path, m
     real = selection.train_irreducible
     monkeypatch.setattr(selection, "train_irreducible", lambda *a, **k: calls.append(1) or real(*a, **k))
     full = train.run(_cfg(sampler=rho), tmp_path / "full", quiet=True)
-    part = train.run(_cfg(sampler=rho, duration="10 steps"), tmp_path / "part", quiet=True)
+    train.run(_cfg(sampler=rho, duration="10 steps"), tmp_path / "part", quiet=True)
     assert len(calls) == 2 and (tmp_path / "part" / "cache" / "rho_loss_irreducible.pt").is_file()
     monkeypatch.setattr(selection, "train_irreducible", lambda *a, **k: pytest.fail("trained again on resume"))
     resumed = train.resume(tmp_path / "part", overrides=["duration=20 steps"], quiet=True)
@@ -364,7 +364,7 @@ def test_rho_loss_holdout_model_is_trained_once_and_reused_on_resume(tmp_path, m
     assert resumed["forward_equivalents"] == full["forward_equivalents"]
     assert resumed["final"] == full["final"]
     # the rows agree except for the time and the evaluation at the end of the first part
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "test_loss", "test_acc")}  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "test_loss", "test_acc")}
                           for r in rows]
     assert strip(_rows(tmp_path / "part")) == strip(_rows(tmp_path / "full"))
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]

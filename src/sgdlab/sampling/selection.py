@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, rank_slice, register, resolve_rank
+from .base import (
+    Batch,
+    SourceContext,
+    check_group,
+    check_sizes,
+    group_initialized,
+    rank_slice,
+    register,
+    resolve_rank,
+)
 from .history import _check_seed, _gather_feedback
 from .importance import _all_gather_cat, _fetcher, model_scorer
 
@@ -172,7 +181,7 @@ class InfoBatch:
         return -(-self._order.numel() // self.global_batch)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.global_batch)
+        return math.ceil(self.num_samples / self.global_batch)
 
     def _next_global(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._order is not None and self.step >= self.epoch_steps:
@@ -479,7 +488,8 @@ def _rho_factory(ctx: SourceContext, *, presample: int = 320, holdout: dict | No
     """
     import copy
 
-    h = {"fraction": 0.2, "steps": 200, "batch_size": ctx.batch_size, "lr": 0.05, "momentum": 0.9,
+    world = ctx.world_size or 1  # the holdout model trains alone on every rank: default to the global batch
+    h = {"fraction": 0.2, "steps": 200, "batch_size": ctx.batch_size * world, "lr": 0.05, "momentum": 0.9,
          "weight_decay": 0.0}
     unknown = set(holdout or {}) - HOLDOUT_KEYS
     if unknown:
