@@ -236,7 +236,8 @@ class InfoBatch:
         planned = self._order is not None
         return {"kind": "infobatch", "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed, "prune": self.prune, "delta": self.delta, "epochs": self.epochs,
-                "losses": self.losses.clone(), "progress": self.progress, "epoch": self.epoch, "step": self.step, "steps": self.steps,
+                "losses": self.losses.clone(), "progress": self.progress, "epoch": self.epoch, "step": self.step,
+                "steps": self.steps,
                 "planned": planned, "order": self._order.clone() if planned else torch.zeros(0, dtype=torch.long),
                 "weights": self._weights.clone() if planned else torch.zeros(0)}
 
