@@ -419,3 +419,16 @@ def test_engine_two_gloo_ranks_match_one_process(tmp_path, sampler):
     assert ddp["forward_equivalents"] == single["forward_equivalents"]
     one_rows, ddp_rows = _rows(tmp_path / "one"), _rows(tmp_path / "ddp")
     assert [r["train_loss"] for r in ddp_rows] == pytest.approx([r["train_loss"] for r in one_rows], rel=1e-4)
+
+
+def test_fwd_duration_parses_and_needs_a_fraction_schedule():
+    from sgdlab.errors import ConfigError
+    from sgdlab.train.config import load_config, parse_duration
+
+    for text in ("2000 fwd", "2000 forward_equivalents", "2e3 forward-equivalents", "2000 Forward Equivalents"):
+        d = parse_duration(text)
+        assert (d.value, d.unit, str(d)) == (2000.0, "fwd", "2000 fwd")
+    with pytest.raises(ConfigError, match="forward-equivalents"):
+        load_config(_cfg(duration="2000 fwd", schedule={"name": "cosine", "unit": "epochs"}))
+    with pytest.raises(ConfigError, match="cost_ratio"):
+        load_config(_cfg(cost_ratio=-1.0))
