@@ -74,8 +74,8 @@ def test_mapping_override_merges_into_its_section():
 @pytest.mark.parametrize("overrides,message", [
     (["optim.betas=[0.9]"], "invalid value for 'optim.betas': expected a list of 2 values, got [0.9]"),
     (["optim.betas=[0.9, 0.9, 0.9]"], "invalid value for 'optim.betas': expected a list of 2 values, got [0.9, 0.9, 0.9]"),
-    (["duration=5 fortnights"], "invalid value for 'duration': expected '<number> steps|epochs|effective epochs|s|min', "
-                                "got '5 fortnights'"),
+    (["duration=5 fortnights"], "invalid value for 'duration': expected "
+                                "'<number> steps|epochs|effective epochs|s|min|fwd', got '5 fortnights'"),
     (["threads=0"], "invalid value for 'threads': threads must be 'auto' or a whole number >= 1, got 0"),
 ])
 def test_messages_have_no_pydantic_prefix_and_print_the_value_once(overrides, message):

@@ -191,7 +191,8 @@ def test_every_shipped_protocol_validates_and_plans():
     from sgdlab.experiments import sweep as sw
 
     names = protocol.shipped()
-    assert set(names) == {"srs", "shake", "random_gradient", "importance", "batch_size", "scaling", "optimal_batch"}
+    assert set(names) == {"srs", "shake", "random_gradient", "importance", "batch_size", "scaling", "optimal_batch",
+                          "data_selection"}
     for name in names:
         proto, _, _ = protocol.load_protocol(name)
         assert len(proto.seeds.final) >= 5, name  # the coverage test in test_stats.py is at 5 seeds

@@ -8,8 +8,10 @@ from .importance import ImportanceSampler, model_scorer, upper_bound_scores
 from .history import OnlineBatchSelection, PrioritizedSampler
 from .position import LoaderPosition
 from .loading import IndexBatch, WithWeights
+from .selection import InfoBatch, RhoLoss, infobatch_weights, train_irreducible
 
 __all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice",
            "EpochSampler", "ReplacementSampler", "SequencedReplacementSampler", "accessible_configurations",
            "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler",
-           "LoaderPosition", "IndexBatch", "WithWeights"]
+           "LoaderPosition", "IndexBatch", "WithWeights", "InfoBatch", "RhoLoss", "infobatch_weights",
+           "train_irreducible"]

@@ -113,7 +113,7 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
         d = cfg.duration
         steps_per_epoch = max(len(source), 1)
         total = {"fraction": 1.0, "seconds": d.value if d.unit == "seconds" else None}.get(s.unit)
-        if d.unit != "seconds" and s.unit in ("steps", "epochs"):
+        if d.unit not in ("seconds", "fwd") and s.unit in ("steps", "epochs"):
             steps = d.value if d.unit == "steps" else d.value * steps_per_epoch
             total = steps if s.unit == "steps" else steps / steps_per_epoch
         Schedule(name=s.name, total=total, milestones=tuple(s.milestones), factor=s.factor, power=s.power,

@@ -91,18 +91,20 @@ class _Open(BaseModel):
         return dict(self.model_extra or {})
 
 
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z ]+?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z _-]+?)\s*$", re.IGNORECASE)
 _UNITS = {"step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs",
           "effective epoch": "epochs", "effective epochs": "epochs", "s": "seconds", "sec": "seconds",
-          "second": "seconds", "seconds": "seconds", "min": "minutes", "minute": "minutes", "minutes": "minutes"}
+          "second": "seconds", "seconds": "seconds", "min": "minutes", "minute": "minutes", "minutes": "minutes",
+          "fwd": "fwd", "forward_equivalents": "fwd", "forward equivalents": "fwd", "forward-equivalents": "fwd"}
 
 
 class Duration(BaseModel):
-    """A run's length: ``value`` in ``unit`` (steps, epochs — effective epochs for SRS — or seconds)."""
+    """A run's length: ``value`` in ``unit`` (steps, epochs — effective epochs for SRS — seconds, or
+    forward-equivalents ``fwd``, the compute budget of :mod:`sgdlab.train.budget`)."""
 
     model_config = ConfigDict(frozen=True)
     value: float
-    unit: Literal["steps", "epochs", "seconds"]
+    unit: Literal["steps", "epochs", "seconds", "fwd"]
 
     def __str__(self) -> str:
         v = int(self.value) if float(self.value).is_integer() else self.value
@@ -110,7 +112,8 @@ class Duration(BaseModel):
 
 
 def parse_duration(text) -> Duration:
-    """Parse ``"2000 steps"``, ``"20 epochs"``, ``"20 effective epochs"``, ``"90 s"``, ``"5 min"``."""
+    """Parse ``"2000 steps"``, ``"20 epochs"``, ``"20 effective epochs"``, ``"90 s"``, ``"5 min"``,
+    ``"200000 fwd"`` (``forward_equivalents``)."""
     if isinstance(text, Duration):
         return text
     if isinstance(text, dict):
@@ -118,13 +121,13 @@ def parse_duration(text) -> Duration:
     m = _DURATION_RE.match(str(text))
     unit = _UNITS.get(m.group(2).lower().strip()) if m else None
     if not m or unit is None:
-        raise ValueError(f"expected '<number> steps|epochs|effective epochs|s|min', got {text!r}")
+        raise ValueError(f"expected '<number> steps|epochs|effective epochs|s|min|fwd', got {text!r}")
     value = float(m.group(1))
     if unit == "minutes":
         value, unit = value * 60.0, "seconds"
     if value <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
-    limit = {"steps": MAX_STEPS, "epochs": 1e9, "seconds": 1e9}[unit]
+    limit = {"steps": MAX_STEPS, "epochs": 1e9, "seconds": 1e9, "fwd": 1e18}[unit]
     if not math.isfinite(value) or value > limit:
         raise ValueError(f"duration {str(text)!r} is too long (at most {limit:.0e} {unit})")
     if unit == "steps" and not value.is_integer():
@@ -233,6 +236,9 @@ class Config(_Strict):
     device: str = "auto"
     threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
+    # backward/forward cost of the forward-equivalent budget: 2 (the FLOP ratio; deterministic) or "auto" (timed
+    # once on a training batch and stored in the run)
+    cost_ratio: float | Literal["auto"] = 2.0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -251,6 +257,13 @@ class Config(_Strict):
     @classmethod
     def _duration(cls, v):
         return parse_duration(v)
+
+    @field_validator("cost_ratio")
+    @classmethod
+    def _cost_ratio(cls, v):
+        if v != "auto" and not (0 <= v < 1e6):
+            raise ValueError(f"cost_ratio must be 'auto' or a non-negative number (backward/forward time), got {v!r}")
+        return v
 
     @field_validator("threads")
     @classmethod
@@ -418,10 +431,11 @@ def _check_semantics(cfg: Config) -> None:
         if not isinstance(opts, dict):
             raise ConfigError(f"invalid value for 'loss.{key}': expected a mapping of options, got {opts!r}")
         _check_kwargs(f"loss.{key}", opts, reg_base._TRANSFORMS[key], skip=("seed",), through_return=True)
-    if cfg.duration.unit == "seconds" and cfg.schedule.unit in ("steps", "epochs") and cfg.schedule.name in (
+    if cfg.duration.unit in ("seconds", "fwd") and cfg.schedule.unit in ("steps", "epochs") and cfg.schedule.name in (
             "cosine", "poly"):
-        raise ConfigError("schedule.unit: a run whose duration is in seconds has no known length in "
-                          f"{cfg.schedule.unit}; use schedule.unit 'fraction' or 'seconds' for {cfg.schedule.name}")
+        what = "seconds" if cfg.duration.unit == "seconds" else "forward-equivalents"
+        raise ConfigError(f"schedule.unit: a run whose duration is in {what} has no known length in "
+                          f"{cfg.schedule.unit}; use schedule.unit 'fraction' for {cfg.schedule.name}")
     del models  # imported for its registrations
 
 

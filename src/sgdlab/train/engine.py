@@ -40,6 +40,7 @@ from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
 from . import guard
+from .budget import ForwardEquivalents, measure_cost_ratio
 from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntropy, auto_threads,  # noqa: F401
                     build_dataset, build_model, build_optimizer, evaluate, first_line, load_model_state,
                     load_weights, per_example_loss, resolve_device, step_error)
@@ -234,6 +235,8 @@ class _Run:
                 batch = self._next_batch()
                 x, y = self._inputs(batch)
                 try:
+                    if self.selectors:  # Composer-style selective backprop: train on the kept examples only
+                        batch, x, y = self._select(batch, x, y)
                     with self._autocast():
                         logits = model(x)
                     losses = per_example_loss(loss_name, logits.float(), y, smoothing)
@@ -246,6 +249,7 @@ class _Run:
                     # the first step of a set-up that cannot train (model and data disagree): one line
                     raise step_error(self.cfg, x, y, e) from None
                 diverged = self._feed_back(batch, logits, y, losses, loss)
+                self.budget.add_step(len(y), len(y))
                 self._count(loss)
                 self._after_step(diverged, bar)
         return self._finish()
@@ -261,7 +265,10 @@ class _Run:
         self._clock = time.perf_counter()
 
     def _set_lr(self) -> None:
-        """The schedule's factor at the current position times the configured lr, in every param group."""
+        """The schedule's factor at the current position times the configured lr, in every param group
+        (and the run's progress to a source that plans by it, InfoBatch's full-data tail)."""
+        if self._set_progress is not None:
+            self._set_progress(self._progress_fraction())
         factor = self.schedule(self._position(self.cfg.schedule.unit))
         for g, lr in zip(self.opt.param_groups, self._base_lrs):
             g["lr"] = lr * factor
@@ -288,6 +295,22 @@ class _Run:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
+    def _select(self, batch: sampling.Batch, x: torch.Tensor, y: torch.Tensor):
+        """The part of the batch a selecting loss transform keeps (its own scoring forward, no gradients)."""
+        progress = self._progress_fraction()
+        c = self.cfg
+        for t in self.selectors:
+            with self._autocast():
+                keep = t.select(self.model, x, y, lambda z, u: per_example_loss(c.loss.name, z, u,
+                                                                                c.loss.label_smoothing),
+                                step=self.step, progress=progress)
+            if keep is not None:
+                x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+                w = batch.weights
+                batch = sampling.Batch(batch.indices[keep.to(batch.indices.device)],
+                                       None if w is None else w[keep.to(w.device)])
+        return batch, x, y
+
     def _batch_loss(self, losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The trained loss: per-example losses times the source's weights, through the loss transforms, mean."""
         if weights is not None:
@@ -295,7 +318,10 @@ class _Run:
         if self.transforms:
             epoch = self.step / self.steps_per_epoch
             for t in self.transforms:
-                losses = t(losses, step=self.step, epoch=epoch)
+                if getattr(t, "wants_progress", False):
+                    losses = t(losses, step=self.step, epoch=epoch, progress=self._progress_fraction())
+                else:
+                    losses = t(losses, step=self.step, epoch=epoch)
         return losses.mean()
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
@@ -357,7 +383,7 @@ class _Run:
         at_log = self.step % c.log.every == 0
         at_eval = c.eval.every > 0 and self.step % c.eval.every == 0
         at_ckpt = c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0
-        if at_log and self.total_steps is None and self.dist.enabled \
+        if at_log and c.duration.unit == "seconds" and self.dist.enabled \
                 and self.dist.from_main(self._done(), self.device):
             # a time budget ends on rank 0's clock: the ranks stop at the same step
             self.elapsed = max(self.elapsed, c.duration.value)
@@ -372,7 +398,7 @@ class _Run:
         if diverged or not math.isfinite(train_loss):
             self._stop_nonfinite(train_loss if not math.isfinite(train_loss) else float("nan"))
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
-               "lr": self.opt.param_groups[0]["lr"], "train_loss": train_loss}
+               "fwd": self.fwd_used(), "lr": self.opt.param_groups[0]["lr"], "train_loss": train_loss}
         row.update(self._component_metrics())
         if (at_eval or end) and self.dist.main:
             self.last_eval = self._evaluate()
@@ -412,14 +438,21 @@ class _Run:
 
     def _show(self, update_bar, train_loss: float) -> None:
         info = f"loss {train_loss:.4f}" + (f"  test acc {self.last_eval['test_acc']:.4f}" if self.last_eval else "")
-        by_time = self.total_steps is None
-        update_bar(completed=self.step if not by_time else min(self.elapsed, self.cfg.duration.value), info=info)
+        total = self.total_steps if self.total_steps is not None else self.cfg.duration.value
+        update_bar(completed=min(self._bar_position(), total), info=info)
 
     def _progress(self):
-        by_time = self.total_steps is None
+        steps = self.total_steps is not None
         show = self.cfg.log.progress and self.dist.main and not self.quiet
-        return progress_bar(show, self.cfg.duration.value if by_time else self.total_steps,
-                            "seconds" if by_time else "steps", self.elapsed if by_time else self.step)
+        return progress_bar(show, self.total_steps if steps else self.cfg.duration.value,
+                            "steps" if steps else self.cfg.duration.unit, self._bar_position())
+
+    def _bar_position(self) -> float:
+        if self.total_steps is not None:
+            return self.step
+        if self.cfg.duration.unit == "fwd":
+            return self.fwd_used()
+        return self.source.epochs_done if self.own_epochs else self.elapsed
 
     def _finish(self) -> dict:
         """Close the metrics and write the ``completed`` summary."""
@@ -430,7 +463,8 @@ class _Run:
         self.metrics.close()
         summary = self._summary("completed")
         if self.last_eval:
-            self._say(f"done: {self.step} steps, {self.elapsed:.1f} s; test accuracy "
+            self._say(f"done: {self.step} steps, {self.elapsed:.1f} s, {self.fwd_used():.4g} forward-equivalents; "
+                      "test accuracy "
                       f"{self.last_eval['test_acc']:.4f}, test loss {self.last_eval['test_loss']:.4f}  ->  "
                       f"{self.run_dir}")
         return summary
@@ -505,11 +539,14 @@ class _Run:
         # the loss that score-driven samplers differentiate: the trained one, label smoothing included
         self.score_loss = (SmoothedCrossEntropy(cfg.loss.label_smoothing) if cfg.loss.label_smoothing > 0
                            else cfg.loss.name)
+        self.cost_ratio = self._cost_ratio()
+        d = cfg.duration
         ctx = sampling.SourceContext(
             num_samples=self.num_train, batch_size=cfg.sampler.batch_size, seed=cfg.seed,
             rank=dist.rank if dist.enabled else None, world_size=dist.world_size if dist.enabled else None,
             model=self.model, train_x=self.ds.train_x, train_y=self.ds.train_y, device=self.device,
-            loss=self.score_loss)
+            loss=self.score_loss, extra={"cost_ratio": self.cost_ratio, "cache": self._cached,
+                                         "epochs": d.value if d.unit == "epochs" else None})
         try:
             self.source = sampling.create(cfg.sampler.name, ctx, **cfg.sampler.extras())
         except (TypeError, ValueError) as e:
@@ -524,12 +561,56 @@ class _Run:
                 raise ConfigError(f"loss.{name}: {e}") from None
         self.wants_scores = bool(getattr(self.source, "wants_scores", False))
         self.wants_losses = bool(getattr(self.source, "wants_losses", False))
+        self._set_progress = getattr(self.source, "set_progress", None)
+        # selective backprop's Composer mode scores the batch before the training forward
+        self.selectors = [t for t in self.transforms if getattr(t, "method", None) == "select"]
+        self.budget = ForwardEquivalents(self.cost_ratio, world_size=dist.world_size,
+                                         setup=float(getattr(self.source, "setup_forwards", 0.0)))
+
+    def _cost_ratio(self) -> float:
+        """``cost_ratio`` r of the forward-equivalent budget: the config's number, the resumed run's, or measured
+        once on a training batch (rank 0's measurement on every rank)."""
+        c = self.cfg
+        if c.cost_ratio != "auto":
+            return float(c.cost_ratio)
+        saved = (self.ckpt or {}).get("budget")
+        if isinstance(saved, dict) and "cost_ratio" in saved:
+            return float(saved["cost_ratio"])
+        b = min(c.sampler.batch_size, self.num_train)
+        x, y = self.ds.train_x[:b].to(self.device), self.ds.train_y[:b].to(self.device)
+        if c.fast.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        smoothing = c.loss.label_smoothing
+        with self._autocast():
+            r = measure_cost_ratio(self.model, x, y, lambda z, t: per_example_loss(c.loss.name, z, t, smoothing))
+        if self.dist.enabled:
+            t = torch.tensor([r], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(t, 0)
+            r = float(t.item())
+        return r
+
+    def _cached(self, key: str, compute) -> dict:
+        """``compute()`` once per run: its tensors are kept in ``cache/<key>.pt`` of the run directory and
+        loaded from there afterwards (a resumed run reuses them; e.g. RHO-LOSS's irreducible losses)."""
+        path = self.run_dir / "cache" / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        value = compute()
+        if self.dist.main:
+            atomic_torch_save(value, path)
+        return value
+
+    def fwd_used(self) -> float:
+        """Forward-equivalents spent so far (:mod:`sgdlab.train.budget`)."""
+        return self.budget.used((self.source,), self.transforms)
 
     def _build_schedule(self) -> None:
         """Steps per epoch, the run's length in steps (None for a time budget), the lr schedule."""
         self.steps_per_epoch = max(len(self.source), 1)
         d = self.cfg.duration
-        self.total_steps = None if d.unit == "seconds" else (
+        # a source with epochs of its own length (InfoBatch) counts a duration in epochs itself
+        self.own_epochs = d.unit == "epochs" and hasattr(self.source, "epochs_done")
+        self.total_steps = None if d.unit in ("seconds", "fwd") or self.own_epochs else (
             int(d.value) if d.unit == "steps" else max(1, round(d.value * self.steps_per_epoch)))
         s = self.cfg.schedule
         try:
@@ -541,12 +622,25 @@ class _Run:
 
     # -- position in the run (a new duration unit goes in these three) --------------------------
 
+    def _progress_fraction(self) -> float:
+        """The fraction of the run done: of the steps, the forward-equivalents, the source's epochs or the time."""
+        d = self.cfg.duration
+        if self.total_steps is not None:
+            return self.step / self.total_steps
+        if d.unit == "fwd":
+            return min(self.fwd_used() / d.value, 1.0)
+        if self.own_epochs:
+            return min(self.source.epochs_done / d.value, 1.0)
+        return self.elapsed / d.value
+
     def _total_in(self, unit: str) -> float | None:
         d = self.cfg.duration
         if unit == "fraction":
             return 1.0
-        if d.unit == "seconds":
-            return d.value if unit == "seconds" else None
+        if self.own_epochs:
+            return d.value if unit == "epochs" else None
+        if d.unit in ("seconds", "fwd"):
+            return d.value if unit == d.unit else None
         if unit == "steps":
             return float(self.total_steps)
         if unit == "epochs":
@@ -557,17 +651,20 @@ class _Run:
         if unit == "steps":
             return float(self.step)
         if unit == "epochs":
-            return self.step / self.steps_per_epoch
+            return self.source.epochs_done if self.own_epochs else self.step / self.steps_per_epoch
         if unit == "seconds":
             return self.elapsed
-        if self.total_steps is not None:
-            return self.step / self.total_steps
-        return self.elapsed / self.cfg.duration.value
+        return self._progress_fraction()
 
     def _done(self) -> bool:
         if self.total_steps is not None:
             return self.step >= self.total_steps
-        return self.elapsed >= self.cfg.duration.value
+        d = self.cfg.duration
+        if d.unit == "fwd":
+            return self.fwd_used() >= d.value
+        if self.own_epochs:
+            return self.source.epochs_done >= d.value - 1e-9
+        return self.elapsed >= d.value
 
     # -- state, evaluation, summaries -----------------------------------------------------------
 
@@ -583,7 +680,7 @@ class _Run:
             "transforms": [t.state_dict() for t in self.transforms],
             "rng": rng if rng is not None else rng_state(self.aug_gen),
             "world_size": self.dist.world_size, "threads": torch.get_num_threads(),
-            "acc_loss": self.acc_loss.detach().cpu(), "acc_n": self.acc_n,
+            "acc_loss": self.acc_loss.detach().cpu(), "acc_n": self.acc_n, "budget": self.budget.state_dict(),
             "config": config_to_dict(self.cfg), "format": "sgdlab-run-checkpoint",
         }
         if rng_ranks is not None:
@@ -612,6 +709,8 @@ class _Run:
                 raise ValueError(f"step {st['step']!r} and elapsed {st['elapsed']!r} must be non-negative")
             self.acc_loss = st.get("acc_loss", torch.zeros(())).to(self.device)
             self.acc_n = int(st.get("acc_n", 0))
+            if "budget" in st:
+                self.budget.load_state_dict(st["budget"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise guard.CheckpointError(f"{path}: does not fit this run's optimizer, sampler or loss "
                                         f"transforms ({type(e).__name__}: {first_line(e)})") from None
@@ -700,6 +799,8 @@ class _Run:
             "best": {"test_acc": self.best["test_acc"], "test_loss": self.best["test_loss"],
                      "step": self.best["step"]},
             "world_size": self.dist.world_size, "threads": self.threads,
+            "forward_equivalents": self.fwd_used(), "cost_ratio": self.cost_ratio,
+            "setup_forwards": self.budget.setup,
         }
         if message:
             s["message"] = message

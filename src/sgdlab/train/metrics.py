@@ -105,7 +105,7 @@ class MetricsLog:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool, total: float, unit: str, completed: float, label: str = "train"):
-    """A rich progress bar over ``total`` ``unit`` (``"steps"`` or ``"seconds"``); yields its update
+    """A rich progress bar over ``total`` ``unit`` (``"steps"``, ``"seconds"``, ``"epochs"`` or ``"fwd"``); yields its update
     function ``update(completed=..., info=...)``, or None when ``enabled`` is false."""
     if not enabled:
         yield None
@@ -114,7 +114,8 @@ def progress_bar(enabled: bool, total: float, unit: str, completed: float, label
         TimeRemainingColumn
 
     cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn() if unit == "steps" else
-            TextColumn("{task.completed:.0f}/{task.total:.0f} s"), TextColumn("{task.fields[info]}"),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} " + {"seconds": "s"}.get(unit, unit)),
+            TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, transient=False) as bar:
         task = bar.add_task(label, total=total, info="", completed=completed)
