@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text
 from .protocol import Protocol, load_protocol
 
 __all__ = ["LEDGER_HEADERS", "ledger_markdown", "ledger_rows", "load", "refresh", "rich_table", "study_dirs"]
@@ -74,8 +75,8 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
                        "holm_over": sorted(protos) if len(protos) > 1 else [name],
                        "seeds": {"final": proto.seeds.final, "pilot": proto.seeds.pilot},
                        "selection": r["selection"], "ladders": r["ladders"], "verdicts": r["claims"]}
-            (d / "verdicts.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-            (d / "report.md").write_text(study_markdown(proto, dict(payload, dir=d)))
+            write_text(d / "verdicts.json", json.dumps(payload, indent=2, default=str) + "\n")
+            write_text(d / "report.md", study_markdown(proto, dict(payload, dir=d)))
     return results
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import write_text
 from . import aggregate as agg
 from . import stats as st
 from .protocol import Claim, Protocol, load_protocol, shipped
@@ -170,8 +171,7 @@ def run_analyses(proto: Protocol, trials: list[dict]) -> None:
                 extra["hessian_top"] = float(analysis.hessian_eigenvalues(model, _ce, data, k=1)[0])
         d = Path(t["dir"]) / "analysis"
         d.mkdir(exist_ok=True)
-        (d / ".study.json.tmp").write_text(json.dumps(extra, indent=2))
-        (d / ".study.json.tmp").replace(d / "study.json")
+        write_text(d / "study.json", json.dumps(extra, indent=2))
         t["extra"] = extra
 
 
@@ -204,7 +204,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def read_table(path: Path) -> list[dict]:
@@ -493,7 +493,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
             measured = json.loads(mpath.read_text())
         else:
             measured = measure_cost_ratio(proto, repeats=5 if quick else None)
-            mpath.write_text(json.dumps(measured, indent=2))
+            write_text(mpath, json.dumps(measured, indent=2))
     extra = {"study": proto.name, "quick": quick, "protocol_sha256": sha}
     pilot_rows: list[dict] = []
     if quick:
@@ -523,7 +523,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     art.mkdir(parents=True, exist_ok=True)
     if not quick:
         _figures(proto, out / "final", art)
-    (art / "protocol.yaml").write_text(text)
+    write_text(art / "protocol.yaml", text)
     write_table(rows, art / "trials.csv")
     if pilot_rows:
         write_table(pilot_rows, art / "pilot.csv")
@@ -532,7 +532,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     end = _commit()
     if end != commit:  # the checkout changed while the study ran: say so, the start is what ran
         context["commit_at_end"] = end
-    (art / "context.json").write_text(json.dumps(context, indent=2))
+    write_text(art / "context.json", json.dumps(context, indent=2))
     from .ledger import refresh
 
     if quick:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..files import name_problem
 
 __all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict",
            "import_plugins", "add_cli_imports", "read_yaml", "resume_drift", "RESUMABLE_KEYS"]
@@ -251,6 +252,15 @@ class Config(_Strict):
     @classmethod
     def _duration(cls, v):
         return parse_duration(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        # a label of reports and studies, written into Markdown and HTML: one line, no path
+        problem = None if v is None else name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("threads")
     @classmethod

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from .. import data as data_lib
-from .. import models, regularize, sampling
+from .. import files, models, regularize, sampling
 from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
@@ -223,17 +223,9 @@ def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk leaves the previous checkpoint as it was, and no partial file
-        raise
+    # a fresh temporary file, renamed: a full disk leaves the previous checkpoint as it was, and no link is followed
+    with files.atomic_write(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -242,14 +234,7 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    files.write_text(path, text)
 
 
 def _load_weights(model: torch.nn.Module, source: str) -> tuple[int, int]:
@@ -357,7 +342,7 @@ class _Metrics:
             if keep_until_step is not None:
                 self.rows = [r for r in self.rows if r["step"] <= keep_until_step]
             _atomic_write_text(self.jsonl, "".join(_json_line(r) for r in self.rows))
-        self.fh = open(self.jsonl, "a")
+        self.fh = files.open_append(self.jsonl)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -384,12 +369,10 @@ class _Metrics:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.csv.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with files.atomic_write(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.csv)
 
     def close(self) -> None:
         if self.enabled:
@@ -406,8 +389,14 @@ class _Metrics:
 def _progress(enabled: bool, total: float, unit: str):
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn() if unit == "steps" else
             TextColumn("{task.completed:.0f}/{task.total:.0f} s"), TextColumn("{task.fields[info]}"),

@@ -153,7 +153,8 @@ class FolderLock:
 
     A second holder gets :class:`~sgdlab.errors.ConfigError` naming the first one's PID and host. The
     lock is an ``fcntl.flock`` (released by the kernel when the holder dies); without ``fcntl``
-    (Windows) no lock is taken.
+    (Windows) no lock is taken. The lock file is opened with ``O_NOFOLLOW``: a symbolic link planted in its
+    place is refused, so the lock never truncates another file.
     """
 
     def __init__(self, folder, what: str = "run"):
@@ -168,7 +169,9 @@ class FolderLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from ..files import open_lock_file
+
+        fd = open_lock_file(self.path)  # never through a planted link: the truncation below would empty its target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
