@@ -54,8 +54,9 @@ def atomic_write(path, mode: str = "w", *, fsync: bool = False, encoding: str | 
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     kw = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
-    f = tempfile.NamedTemporaryFile(mode, prefix=f".{path.name[:60]}.", suffix=".tmp", dir=path.parent,
-                                    delete=False, **kw)  # noqa: SIM115 - O_EXCL, a random name: nothing there is followed
+    # O_EXCL under a random name: nothing already there is followed
+    f = tempfile.NamedTemporaryFile(mode, prefix=f".{path.name[:60]}.", suffix=".tmp",  # noqa: SIM115
+                                    dir=path.parent, delete=False, **kw)
     tmp = f.name
     try:
         with f:

@@ -24,7 +24,7 @@ import json
 import multiprocessing
 import os
 import re
-import traceback
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import open_append, write_text
 from ..train import guard
-from ..train.config import read_raw_config, read_yaml
+from ..train.config import MAX_SEED, read_raw_config, read_yaml
+from .trials import execute_trial, trial_state, worker_init, worker_trial
 
 __all__ = [
     "Point",
@@ -47,7 +49,7 @@ __all__ = [
     "set_dotted",
     "trial_name",
     "trial_state",
-]
+]  # execute_trial and trial_state live in .trials (shared with the Ray backend) and are re-exported here
 
 _MAX_NAME = 100
 _MAX_TRIALS = 100_000  # a sweep plans (and validates) every trial up front; more is a typo, not a sweep
@@ -103,6 +105,10 @@ def trial_name(point: Point | Mapping[str, Any], seed: int) -> str:
     """
     if not isinstance(point, Point):
         point = Point(dict(point))
+    return f"{_point_dir(point)}__seed={int(seed)}"
+
+
+def _point_dir(point: Point) -> str:
     if point.label is not None:
         base = _safe(point.label)
         full = point.label
@@ -111,7 +117,7 @@ def trial_name(point: Point | Mapping[str, Any], seed: int) -> str:
         full = json.dumps(dict(point.overrides), sort_keys=True, default=str)
     if len(base) > _MAX_NAME:
         base = base[:_MAX_NAME] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
-    return f"{base}__seed={int(seed)}"
+    return base
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
@@ -169,8 +175,6 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
     anything runs); progress bars are switched off inside trials. ``seed`` cannot be a grid key (the
     trial's seed comes from ``seeds``), and a sweep has at most 100,000 trials.
     """
-    from ..train.config import config_to_dict, dry_build, load_config
-
     base = _load_raw(config)
     points = list(points) if points else [Point({})]
     if not isinstance(seeds, int):
@@ -189,31 +193,69 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
         if "seed" in p.overrides:  # raw["seed"] below would silently replace the grid's value
             raise ConfigError(f"grid key 'seed' (seed={_fmt(p.overrides['seed'])}) conflicts with --seeds, which "
                               f"sets every trial's seed (0..N-1 per grid point); use --seeds N, not a seed grid")
+    for s in seed_list:  # what validating each trial's config would say about its seed, said once
+        if isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"seeds: {s} is outside [0, 2^63 - 2^20]")
+    for k in seed_keys:
+        if any(k in p.overrides for p in points):
+            raise ConfigError(f"seed_keys: {k!r} is also a grid key; a key follows the seed or the grid")
     trials: list[Trial] = []
     names: set[str] = set()
+    built: set[str] = set()  # model/sampler sections already built on stand-ins
     for p in points:
+        point_cfg, stem = None, _point_dir(p)
         for s in seed_list:
-            name = trial_name(p, s)
+            name = f"{stem}__seed={s}"  # trial_name(p, s)
             if name in names:
                 raise ConfigError(f"grid: two trials would share the run directory {name!r}")
             names.add(name)
-            raw = json.loads(json.dumps(base))
-            for k, v in p.overrides.items():
-                set_dotted(raw, k, v)
-            raw["seed"] = s
-            for k in seed_keys:
-                if k in p.overrides:
-                    raise ConfigError(f"seed_keys: {k!r} is also a grid key; a key follows the seed or the grid")
-                set_dotted(raw, k, s)
-            set_dotted(raw, "log.progress", False)
-            try:
-                loaded = load_config(raw)
-                dry_build(loaded)
-            except ConfigError as e:
-                raise ConfigError(f"trial {name}: {e}") from None
-            cfg = config_to_dict(loaded)
+            if point_cfg is None:
+                # validated once per grid point: the seeds change nothing else, so the other seeds' configs
+                # are this one with the seed (and seed_keys) set (planning 20,000 trials takes seconds)
+                cfg = point_cfg = _validated(base, p, s, seed_keys, name, built)
+            else:
+                cfg = _with_seed(point_cfg, s, seed_keys)
             trials.append(Trial(name, p.name(), dict(p.overrides), s, cfg))
     return base, trials
+
+
+def _validated(base: dict, p: Point, seed: int, seed_keys: Sequence[str], name: str, built: set[str]) -> dict:
+    """The resolved config dict of one trial, validated, its model and sampler built on stand-ins (once per
+    distinct model/sampler/data/loss sections: ``built`` holds those done)."""
+    from ..train.config import config_to_dict, dry_build, load_config
+
+    raw = json.loads(json.dumps(base))
+    for k, v in p.overrides.items():
+        set_dotted(raw, k, v)
+    raw["seed"] = seed
+    for k in seed_keys:
+        set_dotted(raw, k, seed)
+    set_dotted(raw, "log.progress", False)
+    try:
+        loaded = load_config(raw)
+        cfg = config_to_dict(loaded)
+        key = json.dumps([cfg["model"], cfg["sampler"], cfg["data"]["name"], cfg["loss"]], sort_keys=True,
+                         default=str)
+        if key not in built:
+            dry_build(loaded)
+            built.add(key)
+    except ConfigError as e:
+        raise ConfigError(f"trial {name}: {e}") from None
+    return cfg
+
+
+def _with_seed(cfg: dict, seed: int, seed_keys: Sequence[str]) -> dict:
+    """``cfg`` with ``seed`` and the ``seed_keys`` set; the sections on those keys' paths are copied, the rest
+    is shared (trial configs are only read)."""
+    out = dict(cfg, seed=seed)
+    for key in seed_keys:
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node[part] = dict(node[part])
+            node = node[part]
+        node[last] = seed
+    return out
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -225,57 +267,6 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"grid key {key!r}: '{part}' is not a section")
     node[parts[-1]] = json.loads(json.dumps(value))
-
-
-def trial_state(run_dir) -> str:
-    """``completed``, ``nonfinite`` (both final), ``interrupted`` (config.yaml, no final summary) or ``new``."""
-    d = Path(run_dir)
-    summary = d / "summary.json"
-    if summary.is_file():
-        try:
-            status = json.loads(summary.read_text()).get("status")
-        except json.JSONDecodeError:
-            status = None
-        if status in ("completed", "nonfinite"):
-            return status
-    if (d / "config.yaml").is_file():
-        return "interrupted"
-    return "new"
-
-
-def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dict:
-    """Run, resume or skip one trial (this is what a worker process or Ray task executes).
-
-    Returns ``{"action": skipped|resumed|ran|failed|interrupted, "status": ..., "message": ...}``;
-    exceptions are caught and reported, so one failing trial does not stop the sweep.
-    """
-    import torch
-
-    from .. import train
-    from ..errors import NonFiniteLossError
-
-    d = Path(run_dir)
-    state = trial_state(d)
-    if state in ("completed", "nonfinite"):
-        return {"action": "skipped", "status": state}
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        if state == "interrupted":
-            train.resume(d, quiet=True, threads=threads or None)
-            return {"action": "resumed", "status": "completed"}
-        train.run(config, d, quiet=True, threads=threads or None)
-        return {"action": "ran", "status": "completed"}
-    except NonFiniteLossError as e:
-        return {"action": "ran", "status": "nonfinite", "message": str(e)}
-    except guard.RunInterrupted as e:
-        return {"action": "interrupted", "status": trial_state(d), "message": str(e)}
-    except Exception as e:
-        return {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=5)}
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 _POOL: dict = {"jobs": None, "executor": None}
@@ -295,7 +286,7 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     if ex is None or _POOL["jobs"] != jobs or getattr(ex, "_broken", False):
         _close_pool(cancel=True)
         ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(1,))
+                                 initializer=worker_init, initargs=(1,))
         _POOL.update(jobs=jobs, executor=ex)
         if not _POOL.get("atexit"):
             atexit.register(_close_pool)
@@ -303,28 +294,17 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     return ex
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # A stop signal (sent by the terminal to the whole group, forwarded by the sweep, or SIGTERM from the
-    # kernel when the sweep process dies, even by SIGKILL) makes the running trial save and stop, and every
-    # later trial handed to this worker stop at once: no orphan keeps writing into trial folders.
-    guard.make_sticky()
-    guard.die_with_parent()
+LOG_NAME = "sweep.jsonl"
 
 
 def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> None:
+    """``sweep.json``: every trial with its status (``results``, else its state on disk), written whole."""
     rows = []
     for t in trials:
-        r = results.get(t.name, {})
-        rows.append(dict(t.manifest(), status=r.get("status", trial_state(out / t.name)),
-                         **({"message": r["message"]} if r.get("message") else {})))
+        r = results.get(t.name) or {"status": trial_state(out / t.name)}
+        rows.append(dict(t.manifest(), status=r["status"], **({"message": r["message"]} if r.get("message") else {})))
     payload = {"version": 1, "base": base, "trials": rows, **extra}
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out / "sweep.json")
+    write_text(out / "sweep.json", json.dumps(payload, indent=2, default=str))
 
 
 def _check_existing(out: Path, trials: list[Trial]) -> None:
@@ -390,30 +370,59 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
                 on_result, seed_major: bool = False) -> dict:
     _check_existing(out, trials)
     extra = dict(extra_manifest or {})
-    results: dict[str, dict] = {}
+    # every trial's state, read once; sweep.json is written whole now and at the end, and each finished trial
+    # is appended to sweep.jsonl meanwhile (rewriting the manifest per trial made a sweep quadratic)
+    results: dict[str, dict] = {t.name: {"status": trial_state(out / t.name)} for t in trials}
     _write_manifest(out, base, trials, results, extra)
     counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0, "interrupted": 0}
-    todo = [t for t in trials if trial_state(out / t.name) not in ("completed", "nonfinite")]
+    todo = [t for t in trials if results[t.name]["status"] not in ("completed", "nonfinite")]
     if seed_major:
         first = {}
         for t in trials:
             first.setdefault(t.seed, len(first))
         todo.sort(key=lambda t: first[t.seed])  # stable: grid order within a seed
+    pending_names = {t.name for t in todo}
     for t in trials:
-        if t not in todo:
-            results[t.name] = {"action": "skipped", "status": trial_state(out / t.name)}
+        if t.name not in pending_names:
+            results[t.name] = {"action": "skipped", "status": results[t.name]["status"]}
             counts["skipped"] += 1
+    log = open_append(out / LOG_NAME)
 
     def record(t: Trial, r: dict) -> None:
         results[t.name] = r
         counts[r["action"]] = counts.get(r["action"], 0) + 1
-        _write_manifest(out, base, trials, results, extra)
+        log.write(json.dumps({"name": t.name, "status": r["status"], "action": r["action"],
+                              **({"message": r["message"]} if r.get("message") else {})}, default=str) + "\n")
+        log.flush()
         if on_result is not None:
             on_result(t, r)
 
-    bar_ctx = _progress(progress, len(trials), len(trials) - len(todo), out)
-    with bar_ctx as bar:
-        task = bar.add_task("sweep", total=len(trials), completed=len(trials) - len(todo), info="") if bar else None
+    try:
+        _execute(out, todo, len(trials), record, jobs=jobs, backend=backend, address=address, progress=progress)
+    finally:
+        log.close()
+        signum = guard.stop_requested()
+        if signum is not None:
+            extra["status"] = "interrupted"
+        _write_manifest(out, base, trials, results, extra)
+    manifest = json.loads((out / "sweep.json").read_text())
+    if signum is not None:
+        states = [t["status"] for t in manifest["trials"]]
+        name = guard.signal_name(signum)
+        raise guard.RunInterrupted(
+            f"sweep {out} stopped by {name}: {states.count('completed')} completed, {states.count('interrupted')} "
+            f"interrupted (checkpoint saved), {states.count('new')} not started; to continue, run the same "
+            "sweep command again (finished trials are skipped, interrupted ones resume)", signum, manifest)
+    manifest["counts"] = counts
+    return manifest
+
+
+def _execute(out: Path, todo: list[Trial], total: int, record: Callable[[Trial, dict], None], *, jobs, backend,
+             address, progress) -> None:
+    """Run ``todo`` on the backend, calling ``record`` as each trial ends; a stop request (checked between
+    trials, and every 0.2 s while workers run) starts no further trial."""
+    with _progress(progress, total, total - len(todo), out) as bar:
+        task = bar.add_task("sweep", total=total, completed=total - len(todo), info="") if bar else None
 
         def done(t: Trial, r: dict) -> None:
             record(t, r)
@@ -421,13 +430,12 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
                 bar.update(task, advance=1, info=f"{t.name}: {r['action']}" + (
                     f" ({r['message']})" if r.get("status") == "failed" else ""))
 
-        if not todo:
-            pass
-        elif backend == "ray":
+        if not todo or guard.stop_requested() is not None:
+            return
+        if backend == "ray":
             from .ray_backend import run_trials
 
-            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done,
-                       sweep_dir=str(out))
+            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done, sweep_dir=str(out))
         elif jobs == 1:
             # one thread per trial on every backend: CPU kernels split work by thread count, so this
             # keeps a trial's numbers independent of --jobs (and a sweep resumed with other --jobs exact)
@@ -436,45 +444,44 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
                     break
                 done(t, execute_trial(t.config, str(out / t.name), 1))
         else:
-            ex = _pool(jobs)
-            pending = {ex.submit(execute_trial, t.config, str(out / t.name), 1): t for t in todo}
-            forwarded = False
-            try:
-                while pending:
-                    finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    signum = guard.stop_requested()
-                    if signum is not None and not forwarded:
-                        forwarded = True
-                        for f in list(pending):
-                            if f.cancel():  # queued, not started: stays 'new'
-                                pending.pop(f)
-                        _forward_stop(ex, signum)
-                    for f in finished:
-                        t = pending.pop(f)
-                        try:
-                            r = f.result()
-                        except Exception as e:
-                            r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
-                        done(t, r)
-            except BaseException:
-                _close_pool(cancel=True)
-                raise
-            if forwarded:
-                _close_pool(cancel=True)  # its workers keep the stop request; later sweeps get fresh ones
-    signum = guard.stop_requested()
-    if signum is not None:
-        extra["status"] = "interrupted"
-        _write_manifest(out, base, trials, results, extra)
-        manifest = json.loads((out / "sweep.json").read_text())
-        states = [t["status"] for t in manifest["trials"]]
-        name = guard.signal_name(signum)
-        raise guard.RunInterrupted(
-            f"sweep {out} stopped by {name}: {states.count('completed')} completed, {states.count('interrupted')} "
-            f"interrupted (checkpoint saved), {states.count('new')} not started; to continue, run the same "
-            "sweep command again (finished trials are skipped, interrupted ones resume)", signum, manifest)
-    manifest = json.loads((out / "sweep.json").read_text())
-    manifest["counts"] = counts
-    return manifest
+            _execute_pool(out, todo, jobs, done)
+
+
+def _execute_pool(out: Path, todo: list[Trial], jobs: int, done: Callable[[Trial, dict], None]) -> None:
+    """``todo`` on ``jobs`` workers; at most ``2 * jobs`` trials are handed out at a time, so waiting and
+    stopping cost the same for 10 trials as for 100,000."""
+    ex = _pool(jobs)
+    queue = deque(todo)
+    pending: dict = {}
+    forwarded = False
+    try:
+        while queue or pending:
+            signum = guard.stop_requested()
+            if signum is not None and not forwarded:
+                forwarded = True
+                queue.clear()  # not started: they stay 'new'
+                for f in list(pending):
+                    if f.cancel():
+                        pending.pop(f)
+                _forward_stop(ex, signum)
+            while queue and len(pending) < 2 * jobs:
+                t = queue.popleft()
+                pending[ex.submit(worker_trial, t.config, str(out / t.name), 1)] = t
+            if not pending:
+                break
+            finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for f in finished:
+                t = pending.pop(f)
+                try:
+                    r = f.result()
+                except Exception as e:
+                    r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
+                done(t, r)
+    except BaseException:
+        _close_pool(cancel=True)
+        raise
+    if forwarded:
+        _close_pool(cancel=True)  # its workers keep the stop request; later sweeps get fresh ones
 
 
 class _NoBar:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -33,6 +34,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 40
 MAX_NODES = 100_000
 MAX_INT = 2**63 - 1
+MAX_SEED = 2**63 - 2**20  # seeds derived from a run's seed (+ rank, + 1) stay below 2^63
 MAX_STEPS = 10**12
 MAX_THREADS = 4096  # torch CPU threads; torch.set_num_threads takes a C int
 
@@ -230,7 +232,7 @@ class Config(_Strict):
     config all train cnn1d on MNIST-1D for 2000 steps with SGD (lr 0.05, momentum 0.9).
     """
 
-    seed: int = Field(0, ge=0, le=2**63 - 2**20)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"
     threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
@@ -356,8 +358,14 @@ def _options_of(fn, skip: tuple = (), through_return: bool = False) -> dict[str,
 
     With ``through_return``, a factory that forwards ``**options`` to the class it returns
     (``-> EpochSampler``; sampler and loss-transform factories) is read through that class's constructor.
-    None when the options cannot be enumerated.
+    None when the options cannot be enumerated. Cached per builder (a sweep validates thousands of configs).
     """
+    options = _options_cached(fn, tuple(skip), through_return)
+    return None if options is None else dict(options)
+
+
+@functools.lru_cache(maxsize=512)
+def _options_cached(fn, skip: tuple, through_return: bool) -> dict[str, Any] | None:
     params = dict(inspect.signature(fn).parameters)
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         if not through_return:
