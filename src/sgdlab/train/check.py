@@ -15,6 +15,7 @@ import torch
 from .. import models, regularize, sampling
 from ..errors import SgdlabError
 from ..schedules import Schedule
+from ..seeding import torch_seed
 from .config import load_config
 from .engine import (_load_weights, build_dataset, build_model, build_optimizer, per_example_loss, resolve_device,
                      step_error)
@@ -53,7 +54,7 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
                 raise
             n, num_classes, shape = _KNOWN_SIZES[cfg.data.name]
             lines.append(f"data: files missing ({e}); checked the rest with {n} examples of shape {shape}")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(torch_seed(cfg.seed))
         with torch.device("meta") if not step else contextlib.nullcontext():
             model = build_model(cfg, num_classes, shape)
         params = sum(p.numel() for p in model.parameters())

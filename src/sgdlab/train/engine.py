@@ -39,6 +39,7 @@ from .. import files, models, regularize, sampling
 from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
+from ..seeding import torch_seed
 from . import guard
 from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift
 
@@ -576,15 +577,15 @@ class _Run:
             _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
         # Seed everything before anything random is built.
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(torch_seed(cfg.seed))  # every bit of the seed counts (torch keeps 32)
+        np.random.seed(torch_seed(cfg.seed))
         random.seed(cfg.seed)
 
         ds = build_dataset(cfg)
         self.ds = ds.to(self.device) if cfg.data.on_device else ds
         self.num_train = len(ds.train_y)
         data_device = self.ds.train_x.device
-        self.aug_gen = torch.Generator(device=data_device).manual_seed(cfg.seed + 1)
+        self.aug_gen = torch.Generator(device=data_device).manual_seed(torch_seed(cfg.seed + 1))
         fill = None
         if cfg.data.augment:
             if ds.train_x.dim() != 4:
