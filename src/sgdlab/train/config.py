@@ -709,6 +709,25 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def resume_imports(run_dir, overrides: list[str] | None, saved: dict | None) -> None:
+    """Refuse, before any module is imported, a resume whose ``config.yaml`` (plus ``overrides``) names
+    ``imports`` that the config recorded in the checkpoint (``saved``) does not: importing runs a module's
+    code, so an edited ``imports`` must not run before the drift check would refuse it. ``--import``
+    modules given on the command line are the user's own and not checked here."""
+    if not isinstance(saved, dict):
+        return
+    raw = read_raw_config(Path(run_dir) / "config.yaml")  # YAML only: nothing is imported
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    have = saved.get("imports") if isinstance(saved.get("imports"), list) else []
+    now = raw.get("imports") if isinstance(raw.get("imports"), list) else []
+    added = [m for m in now if m not in have and m not in _CLI_IMPORTS]
+    if added:
+        raise ConfigError(f"{run_dir}: config.yaml or the overrides add imports {added} that the checkpoint's "
+                          f"config does not have (it has {have}); nothing was imported. A resume may not change "
+                          "imports; start a new run for that")
+
+
 def resume_drift(saved: dict, now: dict) -> str | None:
     """Why the config ``now`` may not resume a checkpoint written under ``saved`` (None if it may).
 

@@ -44,7 +44,7 @@ from . import guard
 from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntropy, auto_threads,  # noqa: F401
                     build_dataset, build_model, build_optimizer, evaluate, first_line, load_model_state,
                     load_weights, per_example_loss, resolve_device, step_error)
-from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift
+from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift, resume_imports
 from .distributed import Dist, setup_distributed
 from .metrics import MetricsLog, progress_bar, read_rows
 from .state import CHECKPOINT, atomic_torch_save, atomic_write_text, rank_seed, rng_state, set_rng_state
@@ -163,6 +163,8 @@ def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
     """
     _check_threads(threads)
     run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).is_file() and (run_dir / "config.yaml").is_file():
+        resume_imports(run_dir, overrides, guard.checkpoint_config(run_dir / CHECKPOINT))  # before any import
     summary = run_dir / "summary.json"
     if summary.is_file() and not overrides:
         try:

@@ -264,6 +264,19 @@ def load_checkpoint(path, *, require_run: bool = True) -> dict:
     return state
 
 
+def checkpoint_config(path) -> dict | None:
+    """The ``config`` recorded in the checkpoint at ``path``, read without running anything from it and
+    without loading its tensors (memory-mapped); None if there is none or the file cannot be read (the full
+    :func:`load_checkpoint` then says why)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any damage: the full load reports it
+        return None
+    return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Strict JSON
 # ------------------------------------------------------------------------------------------------
