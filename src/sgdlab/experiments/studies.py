@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..files import write_text
+from ..train.guard import FolderLock
 from . import aggregate as agg
 from . import stats as st
 from .protocol import Claim, Protocol, load_protocol, shipped
@@ -242,6 +243,8 @@ def read_table(path: Path) -> list[dict]:
                             row[k] = float(v) if v != "" else None
                         except ValueError:
                             raise ConfigError(f"{path}:{line}: {k}: not a number ({v[:40]!r})") from None
+                        if row[k] is not None and not math.isfinite(row[k]):
+                            raise ConfigError(f"{path}:{line}: {k}: not a finite number ({v[:40]!r})")
                     out.append(row)
             except csv.Error as e:
                 raise ConfigError(f"{path}:{reader.line_num}: {e}") from None
@@ -479,8 +482,20 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     """Run a protocol (shipped name or path); return ``{"name", "verdicts", "out", "artifacts", "seconds"}``.
 
     Full mode writes the artifacts to ``results/<name>/`` (or ``results``) and recomputes the ledger's
-    Holm adjustment over every study there; quick mode writes them beside its sweep.
+    Holm adjustment over every study there; quick mode writes them beside its sweep. A full study locks
+    ``results/<name>/`` from start to end, so a second study of that name into the same results folder
+    (from another ``--out``) stops at once instead of overwriting the first one's artifacts.
     """
+    if quick:
+        return _run_study(name_or_path, quick=quick, out=out, results=results, jobs=jobs, progress=progress)
+    name = load_protocol(name_or_path)[0].name
+    art = (Path(results) if results is not None else default_results_dir()) / name
+    art.mkdir(parents=True, exist_ok=True)
+    with FolderLock(art, "study"):
+        return _run_study(name_or_path, quick=quick, out=out, results=results, jobs=jobs, progress=progress)
+
+
+def _run_study(name_or_path, *, quick: bool, out, results, jobs: int, progress: bool) -> dict:
     proto, text, sha = load_protocol(name_or_path)
     out = Path(out) if out is not None else Path("runs/studies") / (proto.name + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
