@@ -24,11 +24,9 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..files import write_text
 from ..train import guard
-from .trials import execute_trial
+from .trials import STOP_FILE, execute_trial
 
 __all__ = ["STOP_FILE", "require_ray", "run_trials"]
-
-STOP_FILE = ".stop-request"
 
 
 def require_ray():

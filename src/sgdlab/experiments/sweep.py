@@ -18,11 +18,11 @@ this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..files import open_append, write_text
 from ..train import guard
 from ..train.config import MAX_SEED, read_raw_config, read_yaml
-from .trials import execute_trial, trial_state, worker_init, worker_trial
+from .trials import STOP_FILE, execute_trial, trial_state, worker_init, worker_trial
 
 __all__ = [
     "Point",
@@ -272,11 +272,23 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 _POOL: dict = {"jobs": None, "executor": None}
 
 
-def _close_pool(cancel: bool = False) -> None:
+def _close_pool(cancel: bool = False, kill: bool = False) -> None:
+    """Shut the shared pool down (``cancel``: without waiting for queued work). ``kill``: its workers run no
+    trial any more (every future is done or cancelled), so they are ended at once; a worker still starting
+    (importing torch) or waiting on its queue would otherwise keep the sweep from exiting."""
     ex = _POOL["executor"]
     _POOL.update(jobs=None, executor=None)
-    if ex is not None:
-        ex.shutdown(wait=not cancel, cancel_futures=True)
+    if ex is None:
+        return
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=not cancel, cancel_futures=True)
+    if kill:
+        for proc in procs:
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                proc.kill()
+        for proc in procs:
+            with contextlib.suppress(OSError, AttributeError, ValueError, AssertionError):
+                proc.join(5)
 
 
 def _pool(jobs: int) -> ProcessPoolExecutor:
@@ -353,17 +365,6 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
     with guard.FolderLock(out, "sweep"), guard.stop_signals():
         return _run_locked(out, base, trials, jobs=jobs, backend=backend, address=address, progress=progress,
                            extra_manifest=extra_manifest, on_result=on_result, seed_major=seed_major)
-
-
-def _forward_stop(ex: ProcessPoolExecutor, signum: int) -> None:
-    """Pass a stop signal on to the pool's workers (a SIGTERM sent to the sweep process alone)."""
-    import signal as signal_mod
-
-    for proc in list(getattr(ex, "_processes", {}).values()):
-        try:
-            os.kill(proc.pid, signum if signum != signal_mod.SIGINT else signal_mod.SIGTERM)
-        except (OSError, AttributeError):
-            pass
 
 
 def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, address, progress, extra_manifest,
@@ -447,10 +448,22 @@ def _execute(out: Path, todo: list[Trial], total: int, record: Callable[[Trial, 
             _execute_pool(out, todo, jobs, done)
 
 
+def _running(run_dir: Path) -> bool:
+    """Whether a process works in ``run_dir`` now (it holds the folder's lock)."""
+    if not run_dir.is_dir():
+        return False
+    try:
+        guard.FolderLock(run_dir).acquire().release()
+    except ConfigError:
+        return True
+    return False
+
+
 def _execute_pool(out: Path, todo: list[Trial], jobs: int, done: Callable[[Trial, dict], None]) -> None:
     """``todo`` on ``jobs`` workers; at most ``2 * jobs`` trials are handed out at a time, so waiting and
     stopping cost the same for 10 trials as for 100,000."""
     ex = _pool(jobs)
+    (out / STOP_FILE).unlink(missing_ok=True)  # left by an earlier, stopped sweep
     queue = deque(todo)
     pending: dict = {}
     forwarded = False
@@ -463,12 +476,12 @@ def _execute_pool(out: Path, todo: list[Trial], jobs: int, done: Callable[[Trial
                 for f in list(pending):
                     if f.cancel():
                         pending.pop(f)
-                _forward_stop(ex, signum)
+                write_text(out / STOP_FILE, "stop\n")  # the running trials' workers watch for it
             while queue and len(pending) < 2 * jobs:
                 t = queue.popleft()
                 pending[ex.submit(worker_trial, t.config, str(out / t.name), 1)] = t
-            if not pending:
-                break
+            if not pending or (forwarded and not any(_running(out / t.name) for t in pending.values())):
+                break  # after a stop, trials handed out but not begun (a worker still starting) stay 'new'
             finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             for f in finished:
                 t = pending.pop(f)
@@ -480,8 +493,9 @@ def _execute_pool(out: Path, todo: list[Trial], jobs: int, done: Callable[[Trial
     except BaseException:
         _close_pool(cancel=True)
         raise
-    if forwarded:
-        _close_pool(cancel=True)  # its workers keep the stop request; later sweeps get fresh ones
+    if forwarded:  # every trial handed out has returned: its workers are idle, stopped, or still starting
+        _close_pool(cancel=True, kill=True)
+        (out / STOP_FILE).unlink(missing_ok=True)
 
 
 class _NoBar:

@@ -19,9 +19,13 @@ from pathlib import Path
 
 from ..train import guard
 
-__all__ = ["execute_trial", "trial_state", "worker_init", "worker_trial"]
+__all__ = ["STOP_FILE", "execute_trial", "trial_state", "worker_init", "worker_trial"]
 
 _FINAL = ("completed", "nonfinite")
+# A stopped sweep writes this file into its folder; the trials running for it (in worker processes or Ray
+# tasks) watch for it and stop like a signalled run. (A signal sent to a worker that is still importing torch
+# would kill it, and with it the pool.)
+STOP_FILE = ".stop-request"
 
 
 def trial_state(run_dir) -> str:
@@ -75,15 +79,19 @@ def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dic
         torch.set_num_threads(previous_threads)
 
 
-_WORKER = {"busy": False}
+_WORKER: dict = {"busy": False, "stop_file": None}
 WATCH_SECONDS = 0.25
 
 
 def _watch_parent(parent: int) -> None:
-    """Worker watchdog: once the parent is gone, stop the running trial (it saves a checkpoint) and exit as
-    soon as no trial runs. (A stop signal alone leaves an idle worker blocked on its queue forever.)"""
+    """Worker watchdog: passes the sweep's stop file on to the running trial as a stop request, and once the
+    parent is gone (even by SIGKILL; the kernel's parent-death signal may be unavailable) stops the running
+    trial (it saves its checkpoint) and exits as soon as no trial runs."""
     while True:
         threading.Event().wait(WATCH_SECONDS)
+        stop_file = _WORKER["stop_file"]
+        if _WORKER["busy"] and stop_file is not None and os.path.exists(stop_file):
+            guard.request_stop(signal.SIGTERM)
         if os.getppid() != parent:
             guard.request_stop(signal.SIGTERM)
             if not _WORKER["busy"]:
@@ -106,6 +114,7 @@ def worker_init(threads: int = 1) -> None:
 
 def worker_trial(config: dict, run_dir: str, threads: int | None = None) -> dict:
     """:func:`execute_trial` in a worker started by :func:`worker_init` (the watchdog waits for it)."""
+    _WORKER["stop_file"] = os.path.join(os.path.dirname(os.path.abspath(run_dir)), STOP_FILE)
     _WORKER["busy"] = True
     try:
         return execute_trial(config, run_dir, threads)
