@@ -277,7 +277,7 @@ def test_gradient_noise_and_hessian_on_a_nan_loss_are_one_line():
 def test_sweep_appends_each_trial_and_writes_the_manifest_twice(tmp_path, monkeypatch):
     writes = []
     real = sw._write_manifest
-    monkeypatch.setattr(sw, "_write_manifest", lambda *a: (writes.append(1), real(*a)))
+    monkeypatch.setattr(sw, "_write_manifest", lambda *a: writes.append(1) or real(*a))
     m = sw.run_sweep(dict(QUICK, duration="2 steps"), sw.grid_points({"optim.lr": [0.1, 0.05]}), 2,
                      tmp_path / "s", progress=False)
     assert m["counts"]["ran"] == 4 and len(writes) == 2  # once at the start, once at the end
