@@ -7,9 +7,12 @@ are skipped, interrupted ones (a ``config.yaml`` without a final summary) contin
 checkpoint via :func:`sgdlab.train.resume`, and missing ones start.
 
 The sweep folder is locked while a sweep runs in it. The first SIGTERM, SIGINT or SIGUSR1 stops the
-scheduling of queued trials and interrupts the running ones (each saves a checkpoint, as a run does);
+scheduling of queued trials and interrupts the running ones (each saves a checkpoint, as a run does; worker
+processes learn of the stop from ``.stop-request`` in the sweep folder);
 ``sweep.json`` then says ``interrupted`` for them and ``new`` for the trials that never started, and
 :class:`~sgdlab.train.guard.RunInterrupted` is raised. Running the same sweep again continues it.
+``sweep.json`` is written when the sweep starts and when it ends; meanwhile each finished trial is appended
+to ``sweep.jsonl``, so the bookkeeping of a sweep is linear in its number of trials.
 
 Backends: ``process`` (default; ``jobs`` spawned worker processes, one torch thread each, or in
 this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backend`).
