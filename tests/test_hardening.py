@@ -463,3 +463,17 @@ def test_sigterm_during_a_sweep_stops_it_between_trials(tmp_path):
                      on_result=stop_after_first)
     states = [t["status"] for t in e.value.summary["trials"]]
     assert states == ["completed", "new", "new"] and e.value.summary["status"] == "interrupted"
+
+
+def test_sweep_and_ray_backend_import_one_floor_down_not_each_other():
+    import ast
+
+    import sgdlab.experiments.ray_backend as rb
+    import sgdlab.experiments.trials as tr
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "sweep" not in imported(rb) and not {"sweep", "ray_backend"} & imported(tr)
+    assert sw.execute_trial is tr.execute_trial and rb.STOP_FILE == tr.STOP_FILE
