@@ -14,13 +14,14 @@ from pathlib import Path
 
 from . import __version__
 from .errors import NonFiniteLossError, SgdlabError
+from .files import is_existing_path
 
 __all__ = ["main"]
 
 
 def _is_override(token: str) -> bool:
     """``key=value`` (a dotted config key), as opposed to a path or an option."""
-    return "=" in token and not token.startswith("-") and not Path(token).exists()
+    return "=" in token and not token.startswith("-") and not is_existing_path(token)
 
 
 def _threads_override(args) -> list[str]:

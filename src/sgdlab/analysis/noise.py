@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import NonFiniteLossError
 from ._data import (
     as_batches,
     check_loss,
@@ -124,7 +125,7 @@ def gradient_noise_stats(
         idx = idx.to(device)
         loss = check_loss(loss_fn(model(x_all[idx]), y_all[idx]))
         g = flatten(torch.autograd.grad(loss, params)).to(torch.float64)
-        return float(g @ g)
+        return _finite(float(g @ g))
 
     g2s, trs = [], []
     with eval_mode(model):
@@ -168,6 +169,15 @@ def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, level: float, reps: int, 
     return float(lo), float(hi), sd
 
 
+def _finite(value: float) -> float:
+    """``value``, or NonFiniteLossError: a NaN or infinite loss or gradient would make the noise scale
+    ``inf`` or NaN, a number that looks like a measurement."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError("gradient noise: the loss or its gradients are NaN or infinite at these "
+                                 "parameters (a diverged model?)")
+    return value
+
+
 def _exact(model, loss_fn, batches, named, total, dim, device) -> dict:
     names = [n for n, _ in named]
     detached = {n: p.detach() for n, p in named}
@@ -191,7 +201,8 @@ def _exact(model, loss_fn, batches, named, total, dim, device) -> dict:
                 g_sum += flat.sum(0)
                 sq_sum += float((flat * flat).sum())
     mean = g_sum / total
-    g2 = float(mean @ mean)
+    g2 = _finite(float(mean @ mean))
+    _finite(sq_sum)
     trace = max(sq_sum / total - g2, 0.0)
     return {
         "method": "exact",

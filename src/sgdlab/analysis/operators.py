@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import NonFiniteLossError
 from ._data import (
     Batches,
     analysis_mode,
@@ -124,6 +125,11 @@ class CurvatureOperator:
                 out += w * _flat_or_zero(self._batch_product(i, x, y, vs), self.params)
         if self.distributed:
             torch.distributed.all_reduce(out)
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(v).all()):
+            # every curvature analysis (eigenvalues, traces, densities) goes through here: one line, not a
+            # solver's error about NaN entries several calls later
+            raise NonFiniteLossError(f"{type(self).__name__}: the curvature product is NaN or infinite: the loss or "
+                                     "its derivatives are not finite at these parameters (a diverged model?)")
         self.num_matvecs += 1
         return out
 

@@ -15,13 +15,15 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..files import save_figure
+
 __all__ = ["plot_interpolation", "plot_spectral_density", "plot_sharpness_vs_batch"]
 
 
 def _save(fig: Figure, path: str | Path | None) -> None:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_interpolation(

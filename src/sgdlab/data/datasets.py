@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files import atomic_write
 from .augment import channel_stats, normalize
 
 __all__ = ["Dataset", "register", "create", "names", "cache_dir", "builder_parameters"]
@@ -129,9 +130,8 @@ def cache_dir() -> Path:
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:  # np.savez to a file object adds no suffix
+        np.savez(f, **arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,10 +270,29 @@ def _cifar_folder(name: str, root) -> Path:
     )
 
 
+# What the CIFAR python files hold: dicts, lists, bytes and numpy arrays (as pickled by any numpy version).
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.{mod}", fn) for core in ("core", "_core")
+      for mod, fn in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler for data files that builds only containers, numbers, text and numpy arrays: any other
+    global (``os.system``, a ``__reduce__`` payload's callable) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a data file never holds; "
+                                         "nothing from it was run")
+        return super().find_class(module, name)
+
+
 def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _DataUnpickler(f, encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[label_key], dtype=np.int64)
     except Exception as e:

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats as sps
 
 from ..errors import ConfigError
+from ..files import name_problem
 
 __all__ = [
     "Difference",
@@ -256,6 +257,9 @@ def load_trials(sweep_dir) -> list[dict]:
     for i, t in enumerate(trials):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
             raise ConfigError(f"{manifest}: trials[{i}] is not a trial (an object with a 'name')")
+        problem = name_problem(t["name"])
+        if problem is not None:  # a trial's name is its folder: never a path out of the sweep
+            raise ConfigError(f"{manifest}: trials[{i}].name: {problem}")
         d = sweep_dir / t["name"]
         summary = read_json_object(d / "summary.json") if (d / "summary.json").is_file() else {}
         extra = {}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from sgdlab import analysis
 from sgdlab.errors import ConfigError
+from sgdlab.files import write_text
 
 __all__ = ["main", "KINDS", "format_results"]
 
@@ -75,9 +76,7 @@ def _jsonable(obj: Any) -> Any:
 def _write(out_dir: Path, name: str, payload: dict, written: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2))
-    tmp.replace(path)
+    write_text(path, json.dumps(_jsonable(payload), indent=2))
     written.append(str(path))
 
 

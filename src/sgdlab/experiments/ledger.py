@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text
 from .aggregate import read_json_object
 from .protocol import Protocol, load_protocol
 from .verdicts import finish, read_table, verdicts_from_tables
@@ -130,8 +131,8 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
                        "seeds": {"final": proto.seeds.final, "pilot": proto.seeds.pilot},
                        "version": proto.version, "earlier_runs": r["earlier_runs"],
                        "selection": r["selection"], "ladders": r["ladders"], "verdicts": r["claims"]}
-            (d / "verdicts.json").write_text(_dump(payload))
-            (d / "report.md").write_text(study_markdown(proto, dict(_finite(payload), dir=d)))
+            write_text(d / "verdicts.json", _dump(payload))
+            write_text(d / "report.md", study_markdown(proto, dict(_finite(payload), dir=d)))
     return results
 
 
@@ -226,7 +227,7 @@ def archive(study_dir, reason: str, *, replaced_by: str | None = None) -> Path |
     d = study_dir / "history"
     d.mkdir(exist_ok=True)
     path = d / f"{entry['run']:02d}.json"
-    path.write_text(_dump(entry))
+    write_text(path, _dump(entry))
     return path
 
 

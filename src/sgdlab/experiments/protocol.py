@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..files import name_problem
 
 __all__ = ["Claim", "Floor", "Ladder", "Matched", "Protocol", "find_protocol", "load_protocol", "shipped",
            "studies_dir"]
@@ -266,6 +267,14 @@ class Protocol(_Strict):
     chance: float = Field(0.1, ge=0, lt=1)
     quick: Quick = Field(default_factory=Quick)
     notes: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        problem = name_problem(v)  # the pattern lets '.' and '..' through; the name is the folder results/<name>/
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -2,7 +2,7 @@
 
 Ray is an optional dependency (``pip install 'sgdlab[ray]'``), imported only here and only when
 this backend is used. Each trial is one task (one CPU, one torch thread) calling
-:func:`sgdlab.experiments.sweep.execute_trial`, so skipping finished trials and resuming interrupted
+:func:`sgdlab.experiments.trials.execute_trial`, so skipping finished trials and resuming interrupted
 ones works as with processes. On a multi-node cluster the sweep directory must be on a filesystem
 every node sees, and sgdlab must be installed in the workers' environment.
 
@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text
 from ..train import guard
+from .trials import STOP_FILE, execute_trial
 
 __all__ = ["STOP_FILE", "require_ray", "run_trials"]
-
-STOP_FILE = ".stop-request"
 
 
 def require_ray():
@@ -41,8 +41,6 @@ def require_ray():
 def _trial_task(config: dict, run_dir: str, threads: int, stop_file: str) -> dict | None:
     """One trial on a Ray worker, stopping like a signalled run once ``stop_file`` appears; ``None`` when
     the file was there before it started (the trial stays new)."""
-    from .sweep import execute_trial
-
     if os.path.exists(stop_file):
         return None
     done = threading.Event()
@@ -88,7 +86,7 @@ def run_trials(items: Sequence, *, address: str | None = None, num_cpus: float =
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             if guard.stop_requested() is not None and not stop_file.exists():
-                stop_file.write_text("stop\n")
+                write_text(stop_file, "stop\n")
             for ref in done:
                 t = pending.pop(ref)
                 try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError
+from ..files import save_figure, write_text
 from ..train.config import read_raw_config
 from . import aggregate as agg
 
@@ -76,13 +78,22 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+_MD_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _md_text(text: str) -> str:
+    """``text`` as one Markdown line: control characters and line breaks become spaces (so a label cannot
+    start a heading or a list of its own), and ``<`` is written ``&lt;`` (no raw HTML)."""
+    return _MD_BREAKS.sub(" ", str(text)).replace("<", "&lt;")
+
+
 def _md_cell(v: Any) -> str:
-    return fmt(v).replace("|", "\\|").replace("\n", " ")
+    return _md_text(fmt(v)).replace("|", "\\|")
 
 
 def render(title: str, sections: Sequence[Section]) -> tuple[str, str]:
     """``(markdown, html)`` of the sections; images are referenced by relative path."""
-    md = [f"# {title}", ""]
+    md = [f"# {_md_text(title)}", ""]
     h = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
          ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
@@ -90,14 +101,14 @@ def render(title: str, sections: Sequence[Section]) -> tuple[str, str]:
          ".supported{color:#1a7f37;font-weight:bold}.contradicted{color:#c62828;font-weight:bold}"
          ".inconclusive{color:#8a6d00}</style>"), "</head><body>", f"<h1>{html.escape(title)}</h1>"]
     for s in sections:
-        md += [f"## {s.title}", ""]
+        md += [f"## {_md_text(s.title)}", ""]
         h.append(f"<h2>{html.escape(s.title)}</h2>")
         for b in s.blocks:
             if b.kind == "h":
-                md += [f"### {b.text}", ""]
+                md += [f"### {_md_text(b.text)}", ""]
                 h.append(f"<h3>{html.escape(b.text)}</h3>")
             elif b.kind == "p":
-                md += [b.text, ""]
+                md += [_md_text(b.text), ""]
                 h.append(f"<p>{html.escape(b.text)}</p>")
             elif b.kind == "table":
                 md.append("| " + " | ".join(_md_cell(x) for x in b.headers) + " |")
@@ -115,7 +126,7 @@ def render(title: str, sections: Sequence[Section]) -> tuple[str, str]:
                     h.append("<tr>" + "".join(cells) + "</tr>")
                 h.append("</table>")
             elif b.kind == "img":
-                md += [f"![{b.text}]({b.path})", ""]
+                md += [f"![{_md_text(b.text)}]({b.path})", ""]
                 h.append(f"<figure><img src='{html.escape(b.path)}' alt='{html.escape(b.text)}'>"
                          f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
             else:
@@ -226,7 +237,7 @@ def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -367,8 +378,8 @@ def write_report(sweep_dir, out_dir=None, *, baseline: str | None = None,
                                                   figures=figures) + list(sections)
     default_title = f"Run report: {trials[0]['label']}" if single else f"Sweep report: {sweep_dir.name}"
     md, h = render(title or default_title, all_sections)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(h)
+    write_text(out / "report.md", md)  # a fresh file renamed into place: a planted link is replaced, not followed
+    write_text(out / "report.html", h)
     return {"markdown": out / "report.md", "html": out / "report.html"}
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import write_text
+from ..train.guard import FolderLock
 from . import aggregate as agg
 from .protocol import Protocol, load_protocol, shipped
 from .sweep import Point, run_sweep
@@ -200,8 +202,7 @@ def run_analyses(proto: Protocol, trials: list[dict]) -> None:
                 extra["eos_ratio"] = extra["hessian_top"] * float(cfg.optim.lr) / 2
         d = Path(t["dir"]) / "analysis"
         d.mkdir(exist_ok=True)
-        (d / ".study.json.tmp").write_text(json.dumps(extra, indent=2))
-        (d / ".study.json.tmp").replace(d / "study.json")
+        write_text(d / "study.json", json.dumps(extra, indent=2))
         t["extra"] = extra
 
 
@@ -319,8 +320,20 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     """Run a protocol (shipped name or path); return ``{"name", "verdicts", "out", "artifacts", "seconds"}``.
 
     Full mode writes the artifacts to ``results/<name>/`` (or ``results``) and recomputes the ledger's
-    Holm adjustment over every study there; quick mode writes them beside its sweep.
+    Holm adjustment over every study there; quick mode writes them beside its sweep. A full study locks
+    ``results/<name>/`` from start to end, so a second study of that name into the same results folder
+    (from another ``--out``) stops at once instead of overwriting the first one's artifacts.
     """
+    if quick:
+        return _run_study(name_or_path, quick=quick, out=out, results=results, jobs=jobs, progress=progress)
+    name = load_protocol(name_or_path)[0].name
+    art = (Path(results) if results is not None else default_results_dir()) / name
+    art.mkdir(parents=True, exist_ok=True)
+    with FolderLock(art, "study"):
+        return _run_study(name_or_path, quick=quick, out=out, results=results, jobs=jobs, progress=progress)
+
+
+def _run_study(name_or_path, *, quick: bool, out, results, jobs: int, progress: bool) -> dict:
     proto, text, sha = load_protocol(name_or_path)
     out = Path(out) if out is not None else Path("runs/studies") / (proto.name + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +346,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
             measured = json.loads(mpath.read_text())
         else:
             measured = measure_cost_ratio(proto, repeats=5 if quick else None)
-            mpath.write_text(json.dumps(measured, indent=2))
+            write_text(mpath, json.dumps(measured, indent=2))
     extra = {"study": proto.name, "quick": quick, "protocol_sha256": sha}
     pilot_rows: list[dict] = []
     if quick:
@@ -371,7 +384,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
         archive(art, f"replaced by a new full run (protocol v{proto.version}, hash {sha[:12]}, commit {commit[:12]})",
                 replaced_by=commit)
         _figures(proto, out / "final", art)
-    (art / "protocol.yaml").write_text(text)
+    write_text(art / "protocol.yaml", text)
     write_table(rows, art / "trials.csv")
     if pilot_rows:
         write_table(pilot_rows, art / "pilot.csv")
@@ -380,7 +393,7 @@ def run_study(name_or_path, *, quick: bool = False, out=None, results=None, jobs
     end = _commit()
     if end != commit:  # the checkout changed while the study ran: say so, the start is what ran
         context["commit_at_end"] = end
-    (art / "context.json").write_text(json.dumps(context, indent=2))
+    write_text(art / "context.json", json.dumps(context, indent=2))
     from .ledger import refresh
 
     if quick:

@@ -7,9 +7,12 @@ are skipped, interrupted ones (a ``config.yaml`` without a final summary) contin
 checkpoint via :func:`sgdlab.train.resume`, and missing ones start.
 
 The sweep folder is locked while a sweep runs in it. The first SIGTERM, SIGINT or SIGUSR1 stops the
-scheduling of queued trials and interrupts the running ones (each saves a checkpoint, as a run does);
+scheduling of queued trials and interrupts the running ones (each saves a checkpoint, as a run does; worker
+processes learn of the stop from ``.stop-request`` in the sweep folder);
 ``sweep.json`` then says ``interrupted`` for them and ``new`` for the trials that never started, and
 :class:`~sgdlab.train.guard.RunInterrupted` is raised. Running the same sweep again continues it.
+``sweep.json`` is written when the sweep starts and when it ends; meanwhile each finished trial is appended
+to ``sweep.jsonl``, so the bookkeeping of a sweep is linear in its number of trials.
 
 Backends: ``process`` (default; ``jobs`` spawned worker processes, one torch thread each, or in
 this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backend`).
@@ -18,13 +21,14 @@ this process when ``jobs == 1``) and ``ray`` (:mod:`sgdlab.experiments.ray_backe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import re
-import traceback
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import open_append, write_text
 from ..train import guard
-from ..train.config import read_raw_config, read_yaml
+from ..train.config import MAX_SEED, read_raw_config, read_yaml
+from .trials import STOP_FILE, execute_trial, trial_state, worker_init, worker_trial
 
 __all__ = [
     "Point",
@@ -47,7 +53,7 @@ __all__ = [
     "set_dotted",
     "trial_name",
     "trial_state",
-]
+]  # execute_trial and trial_state live in .trials (shared with the Ray backend) and are re-exported here
 
 _MAX_NAME = 100
 _MAX_TRIALS = 100_000  # a sweep plans (and validates) every trial up front; more is a typo, not a sweep
@@ -103,6 +109,10 @@ def trial_name(point: Point | Mapping[str, Any], seed: int) -> str:
     """
     if not isinstance(point, Point):
         point = Point(dict(point))
+    return f"{_point_dir(point)}__seed={int(seed)}"
+
+
+def _point_dir(point: Point) -> str:
     if point.label is not None:
         base = _safe(point.label)
         full = point.label
@@ -111,7 +121,7 @@ def trial_name(point: Point | Mapping[str, Any], seed: int) -> str:
         full = json.dumps(dict(point.overrides), sort_keys=True, default=str)
     if len(base) > _MAX_NAME:
         base = base[:_MAX_NAME] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
-    return f"{base}__seed={int(seed)}"
+    return base
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
@@ -169,8 +179,6 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
     anything runs); progress bars are switched off inside trials. ``seed`` cannot be a grid key (the
     trial's seed comes from ``seeds``), and a sweep has at most 100,000 trials.
     """
-    from ..train.config import config_to_dict, dry_build, load_config
-
     base = _load_raw(config)
     points = list(points) if points else [Point({})]
     if not isinstance(seeds, int):
@@ -189,31 +197,69 @@ def plan(config, points: Sequence[Point] | None = None, seeds: int | Sequence[in
         if "seed" in p.overrides:  # raw["seed"] below would silently replace the grid's value
             raise ConfigError(f"grid key 'seed' (seed={_fmt(p.overrides['seed'])}) conflicts with --seeds, which "
                               f"sets every trial's seed (0..N-1 per grid point); use --seeds N, not a seed grid")
+    for s in seed_list:  # what validating each trial's config would say about its seed, said once
+        if isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"seeds: {s} is outside [0, 2^63 - 2^20]")
+    for k in seed_keys:
+        if any(k in p.overrides for p in points):
+            raise ConfigError(f"seed_keys: {k!r} is also a grid key; a key follows the seed or the grid")
     trials: list[Trial] = []
     names: set[str] = set()
+    built: set[str] = set()  # model/sampler sections already built on stand-ins
     for p in points:
+        point_cfg, stem = None, _point_dir(p)
         for s in seed_list:
-            name = trial_name(p, s)
+            name = f"{stem}__seed={s}"  # trial_name(p, s)
             if name in names:
                 raise ConfigError(f"grid: two trials would share the run directory {name!r}")
             names.add(name)
-            raw = json.loads(json.dumps(base))
-            for k, v in p.overrides.items():
-                set_dotted(raw, k, v)
-            raw["seed"] = s
-            for k in seed_keys:
-                if k in p.overrides:
-                    raise ConfigError(f"seed_keys: {k!r} is also a grid key; a key follows the seed or the grid")
-                set_dotted(raw, k, s)
-            set_dotted(raw, "log.progress", False)
-            try:
-                loaded = load_config(raw)
-                dry_build(loaded)
-            except ConfigError as e:
-                raise ConfigError(f"trial {name}: {e}") from None
-            cfg = config_to_dict(loaded)
+            if point_cfg is None:
+                # validated once per grid point: the seeds change nothing else, so the other seeds' configs
+                # are this one with the seed (and seed_keys) set (planning 20,000 trials takes seconds)
+                cfg = point_cfg = _validated(base, p, s, seed_keys, name, built)
+            else:
+                cfg = _with_seed(point_cfg, s, seed_keys)
             trials.append(Trial(name, p.name(), dict(p.overrides), s, cfg))
     return base, trials
+
+
+def _validated(base: dict, p: Point, seed: int, seed_keys: Sequence[str], name: str, built: set[str]) -> dict:
+    """The resolved config dict of one trial, validated, its model and sampler built on stand-ins (once per
+    distinct model/sampler/data/loss sections: ``built`` holds those done)."""
+    from ..train.config import config_to_dict, dry_build, load_config
+
+    raw = json.loads(json.dumps(base))
+    for k, v in p.overrides.items():
+        set_dotted(raw, k, v)
+    raw["seed"] = seed
+    for k in seed_keys:
+        set_dotted(raw, k, seed)
+    set_dotted(raw, "log.progress", False)
+    try:
+        loaded = load_config(raw)
+        cfg = config_to_dict(loaded)
+        key = json.dumps([cfg["model"], cfg["sampler"], cfg["data"]["name"], cfg["loss"]], sort_keys=True,
+                         default=str)
+        if key not in built:
+            dry_build(loaded)
+            built.add(key)
+    except ConfigError as e:
+        raise ConfigError(f"trial {name}: {e}") from None
+    return cfg
+
+
+def _with_seed(cfg: dict, seed: int, seed_keys: Sequence[str]) -> dict:
+    """``cfg`` with ``seed`` and the ``seed_keys`` set; the sections on those keys' paths are copied, the rest
+    is shared (trial configs are only read)."""
+    out = dict(cfg, seed=seed)
+    for key in seed_keys:
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node[part] = dict(node[part])
+            node = node[part]
+        node[last] = seed
+    return out
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -227,65 +273,26 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = json.loads(json.dumps(value))
 
 
-def trial_state(run_dir) -> str:
-    """``completed``, ``nonfinite`` (both final), ``interrupted`` (config.yaml, no final summary) or ``new``."""
-    d = Path(run_dir)
-    summary = d / "summary.json"
-    if summary.is_file():
-        try:
-            status = json.loads(summary.read_text()).get("status")
-        except json.JSONDecodeError:
-            status = None
-        if status in ("completed", "nonfinite"):
-            return status
-    if (d / "config.yaml").is_file():
-        return "interrupted"
-    return "new"
-
-
-def execute_trial(config: dict, run_dir: str, threads: int | None = None) -> dict:
-    """Run, resume or skip one trial (this is what a worker process or Ray task executes).
-
-    Returns ``{"action": skipped|resumed|ran|failed|interrupted, "status": ..., "message": ...}``;
-    exceptions are caught and reported, so one failing trial does not stop the sweep.
-    """
-    import torch
-
-    from .. import train
-    from ..errors import NonFiniteLossError
-
-    d = Path(run_dir)
-    state = trial_state(d)
-    if state in ("completed", "nonfinite"):
-        return {"action": "skipped", "status": state}
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        if state == "interrupted":
-            train.resume(d, quiet=True, threads=threads or None)
-            return {"action": "resumed", "status": "completed"}
-        train.run(config, d, quiet=True, threads=threads or None)
-        return {"action": "ran", "status": "completed"}
-    except NonFiniteLossError as e:
-        return {"action": "ran", "status": "nonfinite", "message": str(e)}
-    except guard.RunInterrupted as e:
-        return {"action": "interrupted", "status": trial_state(d), "message": str(e)}
-    except Exception as e:
-        return {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=5)}
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
 _POOL: dict = {"jobs": None, "executor": None}
 
 
-def _close_pool(cancel: bool = False) -> None:
+def _close_pool(cancel: bool = False, kill: bool = False) -> None:
+    """Shut the shared pool down (``cancel``: without waiting for queued work). ``kill``: its workers run no
+    trial any more (every future is done or cancelled), so they are ended at once; a worker still starting
+    (importing torch) or waiting on its queue would otherwise keep the sweep from exiting."""
     ex = _POOL["executor"]
     _POOL.update(jobs=None, executor=None)
-    if ex is not None:
-        ex.shutdown(wait=not cancel, cancel_futures=True)
+    if ex is None:
+        return
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=not cancel, cancel_futures=True)
+    if kill:
+        for proc in procs:
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                proc.kill()
+        for proc in procs:
+            with contextlib.suppress(OSError, AttributeError, ValueError, AssertionError):
+                proc.join(5)
 
 
 def _pool(jobs: int) -> ProcessPoolExecutor:
@@ -295,7 +302,7 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     if ex is None or _POOL["jobs"] != jobs or getattr(ex, "_broken", False):
         _close_pool(cancel=True)
         ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(1,))
+                                 initializer=worker_init, initargs=(1,))
         _POOL.update(jobs=jobs, executor=ex)
         if not _POOL.get("atexit"):
             atexit.register(_close_pool)
@@ -303,35 +310,31 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     return ex
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # A stop signal (sent by the terminal to the whole group, forwarded by the sweep, or SIGTERM from the
-    # kernel when the sweep process dies, even by SIGKILL) makes the running trial save and stop, and every
-    # later trial handed to this worker stop at once: no orphan keeps writing into trial folders.
-    guard.make_sticky()
-    guard.die_with_parent()
+LOG_NAME = "sweep.jsonl"
 
 
-def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> None:
-    rows = []
-    for t in trials:
-        r = results.get(t.name, {})
-        rows.append(dict(t.manifest(), status=r.get("status", trial_state(out / t.name)),
-                         **({"message": r["message"]} if r.get("message") else {})))
-    payload = {"version": 1, "base": base, "trials": rows, **extra}
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out / "sweep.json")
+def _write_manifest(out: Path, base: dict, trials: list[Trial], results: dict[str, dict], extra: dict) -> dict:
+    """Write ``sweep.json`` (every trial with its status in ``results``) and return its content. One trial a
+    line, each encoded by the C encoder: an indented dump of 100,000 trials takes seconds."""
+    rows = [dict(t.manifest(), status=results[t.name]["status"],
+                 **({"message": results[t.name]["message"]} if results[t.name].get("message") else {}))
+            for t in trials]
+    payload = {"version": 1, "base": base, **extra}
+    head = json.dumps(payload, indent=2, default=str)
+    text = head[:-2] + ',\n  "trials": [\n' + ",\n".join(
+        "    " + json.dumps(r, default=str) for r in rows) + "\n  ]\n}\n"
+    write_text(out / "sweep.json", text)
+    return dict(payload, trials=rows)
 
 
-def _check_existing(out: Path, trials: list[Trial]) -> None:
-    """A trial directory from an earlier sweep must hold the same config (seed and grid point)."""
+def _check_existing(out: Path, trials: list[Trial], existing: set[str]) -> None:
+    """A trial directory from an earlier sweep (``existing``: the folders in ``out``) must hold the same config
+    (seed and grid point)."""
     from ..train.config import config_to_dict, load_config
 
     for t in trials:
+        if t.name not in existing:
+            continue
         path = out / t.name / "config.yaml"
         if path.is_file():
             on_disk = config_to_dict(load_config(path))
@@ -375,45 +378,64 @@ def run_sweep(config, points: Sequence[Point] | None = None, seeds: int | Sequen
                            extra_manifest=extra_manifest, on_result=on_result, seed_major=seed_major)
 
 
-def _forward_stop(ex: ProcessPoolExecutor, signum: int) -> None:
-    """Pass a stop signal on to the pool's workers (a SIGTERM sent to the sweep process alone)."""
-    import signal as signal_mod
-
-    for proc in list(getattr(ex, "_processes", {}).values()):
-        try:
-            os.kill(proc.pid, signum if signum != signal_mod.SIGINT else signal_mod.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-
-
 def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, address, progress, extra_manifest,
                 on_result, seed_major: bool = False) -> dict:
-    _check_existing(out, trials)
+    existing = {e.name for e in os.scandir(out) if e.is_dir()}  # one listing, not a stat per planned trial
+    _check_existing(out, trials, existing)
     extra = dict(extra_manifest or {})
-    results: dict[str, dict] = {}
+    # every trial's state, read once; sweep.json is written whole now and at the end, and each finished trial
+    # is appended to sweep.jsonl meanwhile (rewriting the manifest per trial made a sweep quadratic)
+    results: dict[str, dict] = {t.name: {"status": trial_state(out / t.name) if t.name in existing else "new"}
+                                for t in trials}
     _write_manifest(out, base, trials, results, extra)
     counts = {"ran": 0, "resumed": 0, "skipped": 0, "failed": 0, "interrupted": 0}
-    todo = [t for t in trials if trial_state(out / t.name) not in ("completed", "nonfinite")]
+    todo = [t for t in trials if results[t.name]["status"] not in ("completed", "nonfinite")]
     if seed_major:
         first = {}
         for t in trials:
             first.setdefault(t.seed, len(first))
         todo.sort(key=lambda t: first[t.seed])  # stable: grid order within a seed
+    pending_names = {t.name for t in todo}
     for t in trials:
-        if t not in todo:
-            results[t.name] = {"action": "skipped", "status": trial_state(out / t.name)}
+        if t.name not in pending_names:
+            results[t.name] = {"action": "skipped", "status": results[t.name]["status"]}
             counts["skipped"] += 1
+    log = open_append(out / LOG_NAME)
 
     def record(t: Trial, r: dict) -> None:
         results[t.name] = r
         counts[r["action"]] = counts.get(r["action"], 0) + 1
-        _write_manifest(out, base, trials, results, extra)
+        log.write(json.dumps({"name": t.name, "status": r["status"], "action": r["action"],
+                              **({"message": r["message"]} if r.get("message") else {})}, default=str) + "\n")
+        log.flush()
         if on_result is not None:
             on_result(t, r)
 
-    bar_ctx = _progress(progress, len(trials), len(trials) - len(todo), out)
-    with bar_ctx as bar:
-        task = bar.add_task("sweep", total=len(trials), completed=len(trials) - len(todo), info="") if bar else None
+    try:
+        _execute(out, todo, len(trials), record, jobs=jobs, backend=backend, address=address, progress=progress)
+    finally:
+        log.close()
+        signum = guard.stop_requested()
+        if signum is not None:
+            extra["status"] = "interrupted"
+        manifest = _write_manifest(out, base, trials, results, extra)
+    if signum is not None:
+        states = [t["status"] for t in manifest["trials"]]
+        name = guard.signal_name(signum)
+        raise guard.RunInterrupted(
+            f"sweep {out} stopped by {name}: {states.count('completed')} completed, {states.count('interrupted')} "
+            f"interrupted (checkpoint saved), {states.count('new')} not started; to continue, run the same "
+            "sweep command again (finished trials are skipped, interrupted ones resume)", signum, manifest)
+    manifest["counts"] = counts
+    return manifest
+
+
+def _execute(out: Path, todo: list[Trial], total: int, record: Callable[[Trial, dict], None], *, jobs, backend,
+             address, progress) -> None:
+    """Run ``todo`` on the backend, calling ``record`` as each trial ends; a stop request (checked between
+    trials, and every 0.2 s while workers run) starts no further trial."""
+    with _progress(progress, total, total - len(todo), out) as bar:
+        task = bar.add_task("sweep", total=total, completed=total - len(todo), info="") if bar else None
 
         def done(t: Trial, r: dict) -> None:
             record(t, r)
@@ -421,13 +443,12 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
                 bar.update(task, advance=1, info=f"{t.name}: {r['action']}" + (
                     f" ({r['message']})" if r.get("status") == "failed" else ""))
 
-        if not todo:
-            pass
-        elif backend == "ray":
+        if not todo or guard.stop_requested() is not None:
+            return
+        if backend == "ray":
             from .ray_backend import run_trials
 
-            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done,
-                       sweep_dir=str(out))
+            run_trials([(t, str(out / t.name)) for t in todo], address=address, callback=done, sweep_dir=str(out))
         elif jobs == 1:
             # one thread per trial on every backend: CPU kernels split work by thread count, so this
             # keeps a trial's numbers independent of --jobs (and a sweep resumed with other --jobs exact)
@@ -436,45 +457,57 @@ def _run_locked(out: Path, base: dict, trials: list[Trial], *, jobs, backend, ad
                     break
                 done(t, execute_trial(t.config, str(out / t.name), 1))
         else:
-            ex = _pool(jobs)
-            pending = {ex.submit(execute_trial, t.config, str(out / t.name), 1): t for t in todo}
-            forwarded = False
-            try:
-                while pending:
-                    finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    signum = guard.stop_requested()
-                    if signum is not None and not forwarded:
-                        forwarded = True
-                        for f in list(pending):
-                            if f.cancel():  # queued, not started: stays 'new'
-                                pending.pop(f)
-                        _forward_stop(ex, signum)
-                    for f in finished:
-                        t = pending.pop(f)
-                        try:
-                            r = f.result()
-                        except Exception as e:
-                            r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
-                        done(t, r)
-            except BaseException:
-                _close_pool(cancel=True)
-                raise
-            if forwarded:
-                _close_pool(cancel=True)  # its workers keep the stop request; later sweeps get fresh ones
-    signum = guard.stop_requested()
-    if signum is not None:
-        extra["status"] = "interrupted"
-        _write_manifest(out, base, trials, results, extra)
-        manifest = json.loads((out / "sweep.json").read_text())
-        states = [t["status"] for t in manifest["trials"]]
-        name = guard.signal_name(signum)
-        raise guard.RunInterrupted(
-            f"sweep {out} stopped by {name}: {states.count('completed')} completed, {states.count('interrupted')} "
-            f"interrupted (checkpoint saved), {states.count('new')} not started; to continue, run the same "
-            "sweep command again (finished trials are skipped, interrupted ones resume)", signum, manifest)
-    manifest = json.loads((out / "sweep.json").read_text())
-    manifest["counts"] = counts
-    return manifest
+            _execute_pool(out, todo, jobs, done)
+
+
+def _running(run_dir: Path) -> bool:
+    """Whether a process works in ``run_dir`` now (it holds the folder's lock)."""
+    if not run_dir.is_dir():
+        return False
+    try:
+        guard.FolderLock(run_dir).acquire().release()
+    except ConfigError:
+        return True
+    return False
+
+
+def _execute_pool(out: Path, todo: list[Trial], jobs: int, done: Callable[[Trial, dict], None]) -> None:
+    """``todo`` on ``jobs`` workers; at most ``2 * jobs`` trials are handed out at a time, so waiting and
+    stopping cost the same for 10 trials as for 100,000."""
+    ex = _pool(jobs)
+    (out / STOP_FILE).unlink(missing_ok=True)  # left by an earlier, stopped sweep
+    queue = deque(todo)
+    pending: dict = {}
+    forwarded = False
+    try:
+        while queue or pending:
+            signum = guard.stop_requested()
+            if signum is not None and not forwarded:
+                forwarded = True
+                queue.clear()  # not started: they stay 'new'
+                for f in list(pending):
+                    if f.cancel():
+                        pending.pop(f)
+                write_text(out / STOP_FILE, "stop\n")  # the running trials' workers watch for it
+            while queue and len(pending) < 2 * jobs:
+                t = queue.popleft()
+                pending[ex.submit(worker_trial, t.config, str(out / t.name), 1)] = t
+            if not pending or (forwarded and not any(_running(out / t.name) for t in pending.values())):
+                break  # after a stop, trials handed out but not begun (a worker still starting) stay 'new'
+            finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for f in finished:
+                t = pending.pop(f)
+                try:
+                    r = f.result()
+                except Exception as e:
+                    r = {"action": "failed", "status": "failed", "message": f"{type(e).__name__}: {e}"}
+                done(t, r)
+    except BaseException:
+        _close_pool(cancel=True)
+        raise
+    if forwarded:  # every trial handed out has returned: its workers are idle, stopped, or still starting
+        _close_pool(cancel=True, kill=True)
+        (out / STOP_FILE).unlink(missing_ok=True)
 
 
 class _NoBar:

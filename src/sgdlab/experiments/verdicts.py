@@ -31,6 +31,7 @@ import numpy as np
 from scipy import stats as sps
 
 from ..errors import ConfigError
+from ..files import write_text
 from . import stats as st
 from .protocol import Claim, Protocol
 
@@ -48,7 +49,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def read_table(path: Path, proto: Protocol | None = None, seeds: list[int] | None = None) -> list[dict]:
@@ -88,6 +89,8 @@ def read_table(path: Path, proto: Protocol | None = None, seeds: list[int] | Non
                             row[k] = float(v) if v != "" else None
                         except ValueError:
                             raise ConfigError(f"{path}:{line}: {k}: not a number ({v[:40]!r})") from None
+                        if row[k] is not None and not math.isfinite(row[k]):
+                            raise ConfigError(f"{path}:{line}: {k}: not a finite number ({v[:40]!r})")
                     out.append(row)
                     lines.append(line)
             except csv.Error as e:

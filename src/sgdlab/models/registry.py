@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,7 +89,16 @@ def create(name: str, *, num_classes: int, input_shape=None, **kwargs) -> nn.Mod
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if input_shape is not None:
         kwargs = {**shape_kwargs(name, input_shape), **kwargs}
-    return _entry(name).builder(num_classes=num_classes, **kwargs)
+    with warnings.catch_warnings():
+        # a layer of zero size (length 0, width 0) is refused below in one line, not warned about by torch
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        model = _entry(name).builder(num_classes=num_classes, **kwargs)
+    empty = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        shown = ", ".join(f"{n} {s}" for n, s in empty[:3])
+        raise ValueError(f"{name} would have layers without weights ({shown}): a size option is 0 or too "
+                         "small for the input")
+    return model
 
 
 def names() -> list[str]:

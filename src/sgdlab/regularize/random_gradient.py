@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..seeding import check_seed, torch_seed
 from ._rng import uniform
 from .base import register_loss_transform
 
@@ -91,8 +92,8 @@ class RandomGradient:
                 raise ValueError(f"period must be a positive number, got {period!r}")
         elif period is not None:
             raise ValueError("period is only used with schedule='triangular'")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if seed is not None:
+            seed = check_seed(seed)
         self.low, self.high, self.p = low, high, p
         self.per_sample = bool(per_sample)
         self.schedule = schedule
@@ -101,7 +102,7 @@ class RandomGradient:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))  # from the global generator: independent streams
         self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(torch_seed(self.seed))
         self.calls = 0
         self.last_factor: torch.Tensor | None = None
 

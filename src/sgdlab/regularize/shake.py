@@ -159,7 +159,7 @@ def shake(x1: torch.Tensor, x2: torch.Tensor, *, forward: str = "shake", backwar
 
     Coefficients are drawn on the inputs' device (in float32, float64 for float64 inputs) and
     cast to the inputs' dtype. Raises ValueError for unknown modes, levels or rules, an
-    ``alpha_range`` outside ``[0, 1]`` or with ``lo > hi``, and mismatched shapes.
+    ``alpha_range`` outside ``[0, 1]`` or with ``lo > hi``, mismatched shapes, and integer or bool inputs.
     """
     lo, hi = _check_settings(forward, backward, level, rule, alpha_range)
     if training is None:
@@ -169,6 +169,9 @@ def shake(x1: torch.Tensor, x2: torch.Tensor, *, forward: str = "shake", backwar
         raise ValueError(f"shake: training must be True or False, got {training!r}")
     if x1.shape != x2.shape:
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if not (x1.is_floating_point() and x2.is_floating_point()):  # a blend of branch outputs is real-valued
+        raise ValueError(f"shake: x1 and x2 must be floating-point tensors (branch outputs), got {x1.dtype} and "
+                         f"{x2.dtype}")
     if not training or (forward == "even" and backward == "even" and rule is None):
         return (x1 + x2) * 0.5
     a, b = draw_coefficients(x1, forward=forward, backward=backward, level=level, rule=rule,

@@ -12,6 +12,8 @@ no communication at all.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -22,6 +24,11 @@ __all__ = [
     "BatchSource",
     "SourceContext",
     "check_sizes",
+    "check_state",
+    "check_memory",
+    "categorical",
+    "MULTINOMIAL_LIMIT",
+    "StateTensor",
     "resolve_rank",
     "group_initialized",
     "check_group",
@@ -91,6 +98,107 @@ def check_sizes(num_samples: int, batch_size: int) -> None:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """What :func:`check_state` expects of a tensor in a sampler state: ``shape`` (``-1`` for any length),
+    ``kind`` (``"float"``, ``"int"``, ``"bool"`` or ``"generator"``, a CPU generator's byte state), and for
+    floats whether they must be finite and non-negative."""
+
+    shape: tuple[int, ...] = ()
+    kind: str = "float"
+    finite: bool = True
+    nonnegative: bool = False
+
+
+_GENERATOR_BYTES = torch.Generator().get_state().numel()
+
+
+def _check_tensor(owner: str, key: str, v: Any, spec: StateTensor) -> None:
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{owner} state[{key!r}] must be a tensor, got {type(v).__name__}")
+    if spec.kind == "generator":
+        if v.dtype != torch.uint8 or v.shape != (_GENERATOR_BYTES,):
+            raise ValueError(f"{owner} state[{key!r}] is not a generator state (a uint8 tensor of "
+                             f"{_GENERATOR_BYTES} bytes), got {v.dtype} of shape {tuple(v.shape)}")
+        return
+    if len(v.shape) != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, v.shape)):
+        raise ValueError(f"{owner} state[{key!r}] has shape {tuple(v.shape)}, this sampler needs "
+                         f"{tuple('any' if w == -1 else w for w in spec.shape)}")
+    ok = {"float": v.is_floating_point(), "bool": v.dtype == torch.bool,
+          "int": not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool}[spec.kind]
+    if not ok:
+        raise ValueError(f"{owner} state[{key!r}] must hold {spec.kind} values, got dtype {v.dtype}")
+    if spec.kind == "float" and v.numel():
+        if spec.finite and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{owner} state[{key!r}] holds NaN or infinite values")
+        if spec.nonnegative and bool((v < 0).any()):
+            raise ValueError(f"{owner} state[{key!r}] holds negative values")
+
+
+def check_state(state: Any, owner: str, spec: dict[str, Any]) -> None:
+    """Check a sampler state before :meth:`BatchSource.load_state_dict` uses any of it (one-line ValueError).
+
+    ``spec`` maps each key the sampler reads to what it must be: a :class:`StateTensor`, a type (``int``,
+    ``float``, ``bool``: the value must be one, tensors of one element accepted) or any other value, which
+    the state must hold exactly (``num_samples``: the sampler's ``N``). A missing key names the keys the
+    state does hold, which tells a state of another sampler apart (``epoch``, ``srs``, ...).
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{owner} state must be a dict, got {type(state).__name__}")
+    missing = [k for k in spec if k not in state]
+    if missing:
+        kind = f" (a {state['kind']!r} sampler state)" if isinstance(state.get("kind"), str) else ""
+        raise ValueError(f"{owner} state lacks {', '.join(map(repr, missing))}: not a state of this sampler{kind}; "
+                         f"it holds {', '.join(map(repr, sorted(map(str, state))[:8]))}")
+    for key, want in spec.items():
+        v = state[key]
+        if isinstance(want, StateTensor):
+            _check_tensor(owner, key, v, want)
+            continue
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if want in (int, float, bool):
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            good, what = {bool: (isinstance(v, bool), "a bool"), int: (number and isinstance(v, int), "an integer"),
+                          float: (number and math.isfinite(v), "a finite number")}[want]
+            if not good:
+                raise ValueError(f"{owner} state[{key!r}] must be {what}, got {v!r}")
+        elif v != want:
+            raise ValueError(f"{owner} state[{key!r}]={v!r} does not match this sampler's {key}={want!r}")
+
+
+MULTINOMIAL_LIMIT = 2**24  # torch.multinomial refuses more categories
+
+
+def categorical(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws with replacement from the categorical distribution ``probs`` (non-negative, any sum).
+
+    ``torch.multinomial`` up to :data:`MULTINOMIAL_LIMIT` categories (so every existing stream is
+    unchanged); beyond, exact inverse-CDF sampling: ``n`` uniforms in float64 located in the cumulative sum
+    with ``searchsorted`` (categories of probability 0 are never drawn).
+    """
+    if probs.numel() <= MULTINOMIAL_LIMIT:
+        return torch.multinomial(probs, n, replacement=True, generator=generator)
+    cdf = torch.cumsum(probs.to(torch.float64), 0)
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(f"categorical: probabilities must be finite and not all zero, got a sum of {total}")
+    u = torch.rand(n, dtype=torch.float64, generator=generator) * total
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.numel() - 1)
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """One-line ValueError, before anything is allocated, when ``what`` would need more memory than the
+    machine has (``nbytes``); nothing is checked where the size of the memory is unknown."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if nbytes > have:
+        raise ValueError(f"{what} would need {nbytes / 2**30:.1f} GiB of memory, more than this machine has "
+                         f"({have / 2**30:.1f} GiB)")
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -31,9 +31,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-
 from torch.utils.data import Sampler
 
+from ..seeding import check_seed, torch_seed
 from .base import Batch, check_group, check_sizes, group_initialized, register, resolve_rank
 
 __all__ = ["EpochSampler", "ReplacementSampler"]
@@ -42,9 +42,7 @@ _MASK63 = (1 << 63) - 1
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
+    return check_seed(seed)
 
 
 def _check_args(num_samples, batch_size, rank, world_size) -> None:
@@ -432,7 +430,7 @@ class EpochSampler(_BlindSampler):
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self._epoch:
-            mixed = (self.seed * 0x9E3779B97F4A7C15 + self._epoch * 0xBF58476D1CE4E5B9 + 1) & _MASK63
+            mixed = (torch_seed(self.seed) * 0x9E3779B97F4A7C15 + self._epoch * 0xBF58476D1CE4E5B9 + 1) & _MASK63
             self._gen.manual_seed(mixed)
             self._perm = torch.randperm(self.num_samples, generator=self._gen).numpy()
             self._perm_epoch = self._epoch
@@ -522,7 +520,7 @@ class ReplacementSampler(_BlindSampler):
     def _build(self) -> None:
         self._len = max(1, math.floor(self.num_samples / self.global_batch + 0.5))
         self._gen = torch.Generator()
-        self._gen.manual_seed(self.seed & _MASK63)
+        self._gen.manual_seed(torch_seed(self.seed))
         self._draws = _DistinctSlots(self.num_samples, self.global_batch, self._gen)
         self._lo = self.rank * self.batch_size
         self._hi = self._lo + self.batch_size

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from ..seeding import check_seed, torch_seed
 from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, register, resolve_rank
+from .base import StateTensor, categorical, check_memory, check_state
 from .importance import _all_gather_cat, _fetcher, model_scorer
 from .loading import ScoredPasses
 
@@ -33,9 +35,7 @@ __all__ = ["OnlineBatchSelection", "PrioritizedSampler", "rank_probabilities"]
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return seed
+    return check_seed(seed)
 
 
 def _gather_feedback(indices, losses, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,11 @@ def _gather_feedback(indices, losses, world_size: int) -> tuple[torch.Tensor, to
     if world_size > 1:
         idx = _all_gather_cat(idx.to(val.device), world_size)
         val = _all_gather_cat(val, world_size)
-    return idx.cpu(), val.to("cpu", torch.float64)
+    val = val.to("cpu", torch.float64)
+    if not bool(torch.isfinite(val).all()):  # checked after the gather: every rank refuses alike
+        raise ValueError(f"observe: losses must be finite, got {int((~torch.isfinite(val)).sum())} NaN or "
+                         f"infinite of {val.numel()}; the sampler's history is unchanged")
+    return idx.cpu(), val
 
 
 def rank_probabilities(num_samples: int, s_e: float) -> torch.Tensor:
@@ -128,7 +132,9 @@ class OnlineBatchSelection(ScoredPasses):
         self.global_batch = batch_size * self.world_size
         self.s_e0, self.s_e_end, self.decay_epochs = s_e, s_e_end, decay_epochs
         self.loss_fn, self.recompute_every, self.chunk = loss_fn, recompute_every, chunk
-        self.generator = torch.Generator().manual_seed(seed)
+        # the losses, and the sort and probabilities of each draw: 8 float64/int64 values per example
+        check_memory(64 * num_samples, f"OnlineBatchSelection(num_samples={num_samples:,})")
+        self.generator = torch.Generator().manual_seed(torch_seed(seed))
         self.losses = torch.zeros(num_samples, dtype=torch.float64)
         self.steps = 0
         self.last_recompute: float | None = None
@@ -188,7 +194,7 @@ class OnlineBatchSelection(ScoredPasses):
         if self.recompute_every is not None and (
                 self.last_recompute is None or self.epoch - self.last_recompute >= self.recompute_every - 1e-12):
             self._recompute()
-        glob = torch.multinomial(self.probabilities(), self.global_batch, replacement=True, generator=self.generator)
+        glob = categorical(self.probabilities(), self.global_batch, self.generator)
         self.steps += 1
         return Batch(glob, None)
 
@@ -211,9 +217,9 @@ class OnlineBatchSelection(ScoredPasses):
                 "seed": self.seed, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"state was saved with num_samples={state['num_samples']}, this sampler has "
-                             f"{self.num_samples}")
+        check_state(state, "OnlineBatchSelection", {
+            "num_samples": self.num_samples, "generator": StateTensor(kind="generator"),
+            "losses": StateTensor((self.num_samples,)), "steps": int, "last_recompute": float, "seed": int})
         self.generator.set_state(state["generator"])
         self.losses = state["losses"].to(torch.float64).clone()
         self.steps = int(state["steps"])
@@ -268,7 +274,9 @@ class PrioritizedSampler(ScoredPasses):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.global_batch = batch_size * self.world_size
         self.alpha, self.beta0, self.beta_steps, self.eps, self.normalize = alpha, beta, beta_steps, eps, normalize
-        self.generator = torch.Generator().manual_seed(seed)
+        # priorities and seen flags, and each draw's p^alpha, P and cumulative sum (float64)
+        check_memory(33 * num_samples, f"PrioritizedSampler(num_samples={num_samples:,})")
+        self.generator = torch.Generator().manual_seed(torch_seed(seed))
         self.priorities = torch.ones(num_samples, dtype=torch.float64)
         self.seen = torch.zeros(num_samples, dtype=torch.bool)
         self.max_priority = 1.0
@@ -289,7 +297,11 @@ class PrioritizedSampler(ScoredPasses):
     def probabilities(self) -> torch.Tensor:
         """``P(i) = p_i^alpha / sum_j p_j^alpha`` (float64)."""
         q = self.priorities.pow(self.alpha)
-        return q / q.sum()
+        total = q.sum()
+        if not torch.isfinite(total):  # huge priorities (losses near 1e308): the same P from p / max(p)
+            q = (self.priorities / self.priorities.max()).pow(self.alpha)
+            total = q.sum()
+        return q / total
 
     def weights_for(self, indices: torch.Tensor) -> torch.Tensor:
         """``(N P(i))^-beta`` of ``indices``, divided by the max (batch or global), at the current beta."""
@@ -304,7 +316,7 @@ class PrioritizedSampler(ScoredPasses):
         normalized weights."""
         if self._alone:
             self._alone = check_group(type(self).__name__)
-        glob = torch.multinomial(self.probabilities(), self.global_batch, replacement=True, generator=self.generator)
+        glob = categorical(self.probabilities(), self.global_batch, self.generator)
         w = self.weights_for(glob).float()
         self._last = {"per_beta": self.beta, "per_weight_min": float(w.min())}
         self.steps += 1
@@ -332,9 +344,10 @@ class PrioritizedSampler(ScoredPasses):
                 "seed": self.seed, "num_samples": self.num_samples, "last": dict(self._last)}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"state was saved with num_samples={state['num_samples']}, this sampler has "
-                             f"{self.num_samples}")
+        check_state(state, "PrioritizedSampler", {
+            "num_samples": self.num_samples, "generator": StateTensor(kind="generator"),
+            "priorities": StateTensor((self.num_samples,), nonnegative=True),
+            "seen": StateTensor((self.num_samples,), "bool"), "max_priority": float, "steps": int, "seed": int})
         self.generator.set_state(state["generator"])
         self.priorities = state["priorities"].to(torch.float64).clone()
         self.seen = state["seen"].to(torch.bool).clone()

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..seeding import check_seed, torch_seed
 from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, register, resolve_rank
+from .base import StateTensor, categorical, check_state
 from .loading import ScoredPasses
 
 __all__ = [
@@ -266,6 +268,9 @@ def normalize_scores(scores: Any) -> torch.Tensor:
     """``g = s / sum(s)`` in float64 on the CPU; all-zero scores give the uniform distribution."""
     s = _as_scores(scores)
     total = s.sum()
+    if not torch.isfinite(total):  # finite scores whose sum overflows (1e308): the same g, from s / max(s)
+        s = s / s.max()
+        total = s.sum()
     if total <= 0:
         return torch.full_like(s, 1.0 / s.numel())
     return s / total
@@ -450,8 +455,7 @@ class ImportanceSampler(ScoredPasses):
         cost_ratio = float(cost_ratio)
         if not (math.isfinite(cost_ratio) and cost_ratio >= 0):
             raise ValueError(f"cost_ratio must be a non-negative number, got {cost_ratio}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        seed = check_seed(seed)
         _parse_smoothing(smoothing)
         # set up for one process while no group exists: checked again at every draw (never duplicate)
         self._alone = (rank is None or world_size is None) and not group_initialized()
@@ -471,7 +475,7 @@ class ImportanceSampler(ScoredPasses):
         self.score_fn = score_fn
         self.tau_th, self.tau_kind, self.tau_momentum = tau_th, tau_kind, tau_momentum
         self.cost_ratio, self.smoothing, self.seed = cost_ratio, smoothing, seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(torch_seed(seed))
         self._tau = 0.0
         self._active = False
         self.steps = 0
@@ -534,7 +538,7 @@ class ImportanceSampler(ScoredPasses):
         s = self._score_presample(pre)
         g = normalize_scores(s)
         new = self._update_tau(g)
-        slots = torch.multinomial(g, self.global_batch, replacement=True, generator=self.generator)
+        slots = categorical(g, self.global_batch, self.generator)
         w = (1.0 / (self.presample * g[slots])).float()
         self._last = {"is_weight_max": float(w.max()), "is_weight_min": float(w.min()), "is_tau_new": new}
         return Batch(pre[slots], w)
@@ -547,9 +551,14 @@ class ImportanceSampler(ScoredPasses):
         """
         if scores is not None:
             self._observed = True
-        if self._active or scores is None:
+        if scores is None:
             return
-        s = torch.as_tensor(scores).detach().reshape(-1)
+        s, n = torch.as_tensor(scores).detach(), torch.as_tensor(indices).numel()
+        if s.ndim != 1 or s.numel() != n:
+            raise ValueError(f"observe: scores must be a 1-D tensor of one score per index ({n}), "
+                             f"got shape {tuple(s.shape)}")
+        if self._active:
+            return
         s = _all_gather_cat(s.float() if s.dtype not in (torch.float32, torch.float64) else s, self.world_size)
         self._last["is_tau_new"] = self._update_tau(smooth_scores(s, self.smoothing))
 
@@ -566,6 +575,8 @@ class ImportanceSampler(ScoredPasses):
         for key in ("num_samples", "presample", "global_batch"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(f"state was saved with {key}={state[key]}, this sampler has {getattr(self, key)}")
+        check_state(state, "ImportanceSampler", {"generator": StateTensor(kind="generator"), "tau": float,
+                                                 "active": bool, "steps": int, "is_steps": int})
         self.generator.set_state(state["generator"])
         self._tau = float(state["tau"])
         self._active = bool(state["active"])

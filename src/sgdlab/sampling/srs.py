@@ -24,8 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..seeding import torch_seed
 from .base import Batch, register
-from .blind import _MASK63, _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _state_int
+from .blind import _BlindSampler, _check_seed, _check_state, _DistinctSlots, _options, _state_int
 
 __all__ = ["SequencedReplacementSampler"]
 
@@ -78,7 +79,7 @@ class SequencedReplacementSampler(_BlindSampler):
         n = self.num_samples
         self._len = max(1, math.floor(n / self.global_batch + 0.5))
         self._gen = torch.Generator()
-        self._gen.manual_seed(self.seed & _MASK63)
+        self._gen.manual_seed(torch_seed(self.seed))
         if self.order == "random":
             sequence = torch.randperm(n, generator=self._gen)
         else:

@@ -8,6 +8,9 @@ fails with the same one-line message ``run`` would give.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ import torch
 from .. import models, regularize, sampling
 from ..errors import SgdlabError
 from ..schedules import Schedule
+from ..seeding import torch_seed
 from .build import (build_dataset, build_model, build_optimizer, load_weights, per_example_loss, resolve_device,
                     step_error)
 from .config import load_config
@@ -26,6 +30,56 @@ _STEP_EXAMPLES = 8
 
 # Training-set sizes of the datasets whose files may be missing on this machine.
 _KNOWN_SIZES = {"cifar10": (50000, 10, (3, 32, 32)), "cifar100": (50000, 100, (3, 32, 32))}
+
+# ``check`` stops building the data and model and taking its step after this long (seconds): a config whose
+# set-up alone takes minutes (data.num_samples=1e8, a depth of 20,000) is reported, not waited for.
+TIME_LIMIT = 60.0
+# A run longer than this (estimated from the measured step) gets a warning.
+DAYS_WARNING = 1.0
+# More evaluations, checkpoints or log rows than this over the run get a warning.
+MANY_EVENTS = 1_000_000
+
+
+class CheckTimeout(Exception):
+    """Raised inside :func:`check_config` when its own work exceeds :data:`TIME_LIMIT`."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, phase: list[str]):
+    """Raise :class:`CheckTimeout` naming ``phase[0]`` after ``seconds`` (main thread, POSIX; else no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CheckTimeout(f"check stopped after {seconds:g} s {phase[0]}; a run would spend at least that "
+                           "before its first step (are data.num_samples or the model's size options intended?)")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _budget_warnings(cfg, steps_per_epoch: int, step_seconds: float) -> list[str]:
+    """Warnings for a run that would take days (from the step just measured) or write millions of rows."""
+    d, out = cfg.duration, []
+    total = {"steps": d.value, "epochs": d.value * steps_per_epoch}.get(d.unit)
+    days = d.value / 86400 if d.unit == "seconds" else total * step_seconds / 86400
+    if days > DAYS_WARNING:
+        how = "" if d.unit == "seconds" else (f" ({total:,.0f} steps at about {step_seconds * 1e3:.3g} ms each, "
+                                              f"the step measured here)")
+        out.append(f"warning: duration {d} would take about {days:,.0f} days{how}")
+    if total is not None:
+        for key, every, what in (("eval.every", cfg.eval.every, "evaluations"),
+                                 ("checkpoint.every", cfg.checkpoint.every, "checkpoints"),
+                                 ("log.every", cfg.log.every, "log rows")):
+            if every and total / every > MANY_EVENTS:
+                out.append(f"warning: {key}: {every} over {total:,.0f} steps is {total // every:,.0f} {what}")
+    return out
 
 
 def check_config(path, overrides: list[str] | None = None, *, step: bool = True) -> tuple[bool, list[str]]:
@@ -41,6 +95,15 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
         cfg = load_config(Path(path), overrides)
     except SgdlabError as e:
         return False, [str(e)]
+    phase = ["building the dataset"]
+    try:
+        with _time_limit(TIME_LIMIT, phase):
+            return _check(cfg, lines, step, phase)
+    except CheckTimeout as e:
+        return False, [*lines, str(e)]
+
+
+def _check(cfg, lines: list[str], step: bool, phase: list[str]) -> tuple[bool, list[str]]:
     try:
         resolve_device(cfg.device)
         ds = None
@@ -53,7 +116,8 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
                 raise
             n, num_classes, shape = _KNOWN_SIZES[cfg.data.name]
             lines.append(f"data: files missing ({e}); checked the rest with {n} examples of shape {shape}")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(torch_seed(cfg.seed))
+        phase[0] = "building the model"
         with torch.device("meta") if not step else contextlib.nullcontext():
             model = build_model(cfg, num_classes, shape)
         params = sum(p.numel() for p in model.parameters())
@@ -92,7 +156,9 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
         opt = build_optimizer(cfg, model)
         if not step:
             return True, [*lines, "step: skipped"]
+        phase[0] = "taking one training step"
         batch = source.next_batch()
+        clock = time.perf_counter()
         keep = slice(0, _STEP_EXAMPLES)  # the batch's first examples: the same shapes, a fraction of the cost
         x, y = train_x[batch.indices[keep]], train_y[batch.indices[keep]]
         try:
@@ -108,6 +174,8 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
             if isinstance(e, SgdlabError):
                 raise
             raise step_error(cfg, x, y, e) from None
+        # the step's time, scaled from its examples to the whole batch: a rough floor of a run's step
+        step_seconds = (time.perf_counter() - clock) * max(cfg.sampler.batch_size / len(x), 1.0)
         lines.append(f"step: one training step on a batch of shape {tuple(x.shape)}: loss {float(losses.detach().mean()):.4f}")
         s = cfg.schedule
         d = cfg.duration
@@ -119,6 +187,7 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
         Schedule(name=s.name, total=total, milestones=tuple(s.milestones), factor=s.factor, power=s.power,
                  period=s.period, low=s.low, warmup=s.warmup, warmup_from=s.warmup_from)
         lines.append(f"duration: {d}; schedule: {s.name} in {s.unit}")
+        lines += _budget_warnings(cfg, steps_per_epoch, step_seconds)
     except SgdlabError as e:
         return False, lines + [" ".join(str(e).split())]
     except (ValueError, TypeError, RuntimeError, IndexError, OverflowError, MemoryError, ZeroDivisionError) as e:

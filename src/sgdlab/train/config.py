@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -23,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..files import name_problem
 
 __all__ = ["Config", "Duration", "load_config", "apply_overrides", "parse_duration", "config_to_dict",
            "import_plugins", "add_cli_imports", "read_yaml", "resume_drift", "RESUMABLE_KEYS"]
@@ -32,6 +34,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 40
 MAX_NODES = 100_000
 MAX_INT = 2**63 - 1
+MAX_SEED = 2**63 - 2**20  # seeds derived from a run's seed (+ rank, + 1) stay below 2^63
 MAX_STEPS = 10**12
 MAX_THREADS = 4096  # torch CPU threads; torch.set_num_threads takes a C int
 
@@ -232,7 +235,7 @@ class Config(_Strict):
     config all train cnn1d on MNIST-1D for 2000 steps with SGD (lr 0.05, momentum 0.9).
     """
 
-    seed: int = Field(0, ge=0, le=2**63 - 2**20)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"
     threads: int | Literal["auto"] = "auto"
     duration: Duration = Field(default_factory=lambda: parse_duration("2000 steps"))
@@ -263,6 +266,15 @@ class Config(_Strict):
     def _cost_ratio(cls, v):
         if v != "auto" and not (0 <= v < 1e6):
             raise ValueError(f"cost_ratio must be 'auto' or a non-negative number (backward/forward time), got {v!r}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        # a label of reports and studies, written into Markdown and HTML: one line, no path
+        problem = None if v is None else name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("threads")
@@ -359,8 +371,14 @@ def _options_of(fn, skip: tuple = (), through_return: bool = False) -> dict[str,
 
     With ``through_return``, a factory that forwards ``**options`` to the class it returns
     (``-> EpochSampler``; sampler and loss-transform factories) is read through that class's constructor.
-    None when the options cannot be enumerated.
+    None when the options cannot be enumerated. Cached per builder (a sweep validates thousands of configs).
     """
+    options = _options_cached(fn, tuple(skip), through_return)
+    return None if options is None else dict(options)
+
+
+@functools.lru_cache(maxsize=512)
+def _options_cached(fn, skip: tuple, through_return: bool) -> dict[str, Any] | None:
     params = dict(inspect.signature(fn).parameters)
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         if not through_return:
@@ -703,6 +721,25 @@ def _flatten(d, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def resume_imports(run_dir, overrides: list[str] | None, saved: dict | None) -> None:
+    """Refuse, before any module is imported, a resume whose ``config.yaml`` (plus ``overrides``) names
+    ``imports`` that the config recorded in the checkpoint (``saved``) does not: importing runs a module's
+    code, so an edited ``imports`` must not run before the drift check would refuse it. ``--import``
+    modules given on the command line are the user's own and not checked here."""
+    if not isinstance(saved, dict):
+        return
+    raw = read_raw_config(Path(run_dir) / "config.yaml")  # YAML only: nothing is imported
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    have = saved.get("imports") if isinstance(saved.get("imports"), list) else []
+    now = raw.get("imports") if isinstance(raw.get("imports"), list) else []
+    added = [m for m in now if m not in have and m not in _CLI_IMPORTS]
+    if added:
+        raise ConfigError(f"{run_dir}: config.yaml or the overrides add imports {added} that the checkpoint's "
+                          f"config does not have (it has {have}); nothing was imported. A resume may not change "
+                          "imports; start a new run for that")
 
 
 def resume_drift(saved: dict, now: dict) -> str | None:

@@ -39,12 +39,13 @@ from .. import regularize, sampling
 from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
+from ..seeding import torch_seed
 from . import guard
 from .budget import ForwardEquivalents, measure_cost_ratio
 from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntropy, auto_threads,  # noqa: F401
                     build_dataset, build_model, build_optimizer, evaluate, first_line, load_model_state,
                     load_weights, per_example_loss, resolve_device, step_error)
-from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift
+from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift, resume_imports
 from .distributed import Dist, setup_distributed
 from .metrics import MetricsLog, progress_bar, read_rows
 from .state import CHECKPOINT, atomic_torch_save, atomic_write_text, rank_seed, rng_state, set_rng_state
@@ -163,6 +164,8 @@ def resume(run_dir, *, overrides: list[str] | None = None, quiet: bool = False,
     """
     _check_threads(threads)
     run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).is_file() and (run_dir / "config.yaml").is_file():
+        resume_imports(run_dir, overrides, guard.checkpoint_config(run_dir / CHECKPOINT))  # before any import
     summary = run_dir / "summary.json"
     if summary.is_file() and not overrides:
         try:
@@ -205,8 +208,8 @@ class _Run:
         self._claim_run_dir(resume)
         # Seed everything before anything random is built; the order of the builds below is the order in
         # which they draw random numbers, so it is part of the run's determinism.
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(torch_seed(cfg.seed))  # every bit of the seed counts (torch keeps 32)
+        np.random.seed(torch_seed(cfg.seed))
         random.seed(cfg.seed)
         ds = self._build_data()
         self._build_model(ds, threads)
@@ -491,7 +494,7 @@ class _Run:
         self.num_train = len(ds.train_y)
         self._data_device = self.ds.train_x.device
         self._move_batch = self._data_device != self.device
-        self.aug_gen = torch.Generator(device=self._data_device).manual_seed(cfg.seed + 1)
+        self.aug_gen = torch.Generator(device=self._data_device).manual_seed(torch_seed(cfg.seed + 1))
         fill = None
         if cfg.data.augment:
             if ds.train_x.dim() != 4:

@@ -153,7 +153,8 @@ class FolderLock:
 
     A second holder gets :class:`~sgdlab.errors.ConfigError` naming the first one's PID and host. The
     lock is an ``fcntl.flock`` (released by the kernel when the holder dies); without ``fcntl``
-    (Windows) no lock is taken.
+    (Windows) no lock is taken. The lock file is opened with ``O_NOFOLLOW``: a symbolic link planted in its
+    place is refused, so the lock never truncates another file.
     """
 
     def __init__(self, folder, what: str = "run"):
@@ -168,7 +169,9 @@ class FolderLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from ..files import open_lock_file
+
+        fd = open_lock_file(self.path)  # never through a planted link: the truncation below would empty its target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -259,6 +262,19 @@ def load_checkpoint(path, *, require_run: bool = True) -> dict:
                 not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{p}: not a checkpoint or state_dict of model weights")
     return state
+
+
+def checkpoint_config(path) -> dict | None:
+    """The ``config`` recorded in the checkpoint at ``path``, read without running anything from it and
+    without loading its tensors (memory-mapped); None if there is none or the file cannot be read (the full
+    :func:`load_checkpoint` then says why)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any damage: the full load reports it
+        return None
+    return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
 
 
 # ------------------------------------------------------------------------------------------------

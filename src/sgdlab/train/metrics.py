@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import atomic_write, open_append
 from . import guard
 from .state import atomic_write_text
 
@@ -60,7 +60,7 @@ class MetricsLog:
             if keep_until_step is not None:
                 self.rows = [r for r in self.rows if r["step"] <= keep_until_step]
             atomic_write_text(self.jsonl, "".join(json_line(r) for r in self.rows))
-        self.fh = open(self.jsonl, "a")
+        self.fh = open_append(self.jsonl)  # never through a link planted at metrics.jsonl
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,12 +89,10 @@ class MetricsLog:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.csv.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.csv)
 
     def close(self) -> None:
         if self.enabled:

@@ -8,14 +8,14 @@ half-written checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_write, write_text
 
 __all__ = ["CHECKPOINT", "rng_state", "set_rng_state", "rank_seed", "atomic_torch_save", "atomic_write_text"]
 
@@ -58,28 +58,13 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, rename over ``path``: the old file stays whole until then."""
+    """``torch.save`` to a fresh temporary file, fsync, rename over ``path``: the old file stays whole until
+    then, and a link planted at either name is never written through (:func:`sgdlab.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk leaves the previous checkpoint as it was, and no partial file
-        raise
+    with atomic_write(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write ``text`` to a fresh temporary file and rename it over ``path`` (:func:`sgdlab.files.write_text`)."""
+    write_text(path, text)
