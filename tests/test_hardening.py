@@ -381,7 +381,7 @@ def test_arguments_longer_than_a_file_name_are_overrides(tmp_path, capsys):
 def test_a_non_finite_cell_of_trials_csv_is_one_line(tmp_path, cell):
     p = tmp_path / "trials.csv"
     p.write_text(f"arm,seed,status,test_error\na,0,completed,0.5\na,1,completed,{cell}\n")
-    with pytest.raises(ConfigError, match=rf"trials.csv:3: test_error: not a finite number \('{cell}'\)"):
+    with pytest.raises(ConfigError, match=rf"trials.csv:3: test_error: {cell} is not finite"):
         studies.read_table(p)
 
 

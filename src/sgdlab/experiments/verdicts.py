@@ -90,7 +90,8 @@ def read_table(path: Path, proto: Protocol | None = None, seeds: list[int] | Non
                         except ValueError:
                             raise ConfigError(f"{path}:{line}: {k}: not a number ({v[:40]!r})") from None
                         if row[k] is not None and not math.isfinite(row[k]):
-                            raise ConfigError(f"{path}:{line}: {k}: not a finite number ({v[:40]!r})")
+                            raise ConfigError(f"{path}:{line}: {k}: {row[k]} is not finite (a diverged trial is status "
+                                              f"nonfinite, blank cells)")
                     out.append(row)
                     lines.append(line)
             except csv.Error as e:
