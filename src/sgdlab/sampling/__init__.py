@@ -1,6 +1,6 @@
 """How a mini-batch is chosen: the :class:`BatchSource` protocol and its strategies."""
 
-from .base import Batch, BatchSource, SourceContext, create, names, rank_slice, register, resolve_rank
+from .base import Batch, BatchSource, SourceContext, create, names, rank_batch_size, rank_slice, register, resolve_rank
 from .blind import EpochSampler, ReplacementSampler
 from .configurations import accessible_configurations
 from .srs import SequencedReplacementSampler
@@ -8,7 +8,7 @@ from .importance import ImportanceSampler, model_scorer, upper_bound_scores
 from .history import OnlineBatchSelection, PrioritizedSampler
 from .position import LoaderPosition
 
-__all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice",
+__all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice", "rank_batch_size",
            "EpochSampler", "ReplacementSampler", "SequencedReplacementSampler", "accessible_configurations",
            "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler",
            "LoaderPosition"]

@@ -1,0 +1,258 @@
+"""Elastic determinism in plain loops: global sampler states and keyed per-example draws.
+
+Ranks are simulated by building one sampler per rank with explicit ``rank``/``world_size`` (threads with
+an in-process all-gather for the score-driven samplers); the global batch of a step is the ranks' slices
+in rank order. A state written at world size W must load at any W' dividing the global batch and continue
+the very sequence a single process draws.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sgdlab import keyed, regularize
+from sgdlab.data import cifar_augment
+from sgdlab.sampling import (EpochSampler, ImportanceSampler, OnlineBatchSelection, PrioritizedSampler,
+                             ReplacementSampler, SequencedReplacementSampler, history, importance, rank_batch_size)
+
+N, G = 97, 12  # dataset size, global batch
+
+
+def _blind(kind, world, rank):
+    b = G // world
+    if kind == "epoch":
+        return EpochSampler(N, b, seed=3, rank=rank, world_size=world)
+    if kind == "epoch_tail":
+        return EpochSampler(N, b, seed=3, drop_last=False, rank=rank, world_size=world)
+    if kind == "replacement":
+        return ReplacementSampler(N, b, seed=3, rank=rank, world_size=world)
+    return SequencedReplacementSampler(N, b, seed=3, rank=rank, world_size=world)
+
+
+def _same(a, b) -> bool:
+    """Exact equality of two nested sampler states (tensors by value)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def _global_steps(samplers, steps):
+    out = []
+    for _ in range(steps):
+        batches = [s.next_batch() for s in samplers]
+        out.append(torch.cat([b.indices for b in batches]).tolist())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["epoch", "epoch_tail", "replacement", "srs"])
+@pytest.mark.parametrize("worlds", [(2, 4), (3, 1), (4, 6), (1, 3)])
+def test_blind_state_is_global_and_resumes_at_another_world_size(kind, worlds):
+    w, w2 = worlds
+    reference = _global_steps([_blind(kind, 1, 0)], 30)
+    first = [_blind(kind, w, r) for r in range(w)]
+    got = _global_steps(first, 13)
+    states = [s.state_dict() for s in first]
+    for st in states[1:]:  # no rank in the state: every rank writes the same one
+        assert _same(st, states[0])
+    second = [_blind(kind, w2, r) for r in range(w2)]
+    for s in second:
+        s.load_state_dict(states[0])
+    got += _global_steps(second, 17)
+    assert got == reference
+
+
+def test_rank_batch_size_refuses_a_world_that_does_not_divide_the_global_batch():
+    assert rank_batch_size(12, 4) == 3
+    with pytest.raises(ValueError, match=r"global batch of 12 examples cannot be split over 5 processes") as e:
+        rank_batch_size(12, 5)
+    assert "\n" not in str(e.value)
+
+
+def test_a_state_of_another_global_batch_is_refused():
+    s = EpochSampler(N, 6, seed=3, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="global_batch"):
+        EpochSampler(N, 5, seed=3, rank=0, world_size=2).load_state_dict(s.state_dict())
+
+
+# -- score-driven samplers: ranks as threads, all-gather in process --------------------------------
+
+
+class _Group:
+    """An all-gather among ``world`` threads (rank from a thread-local), standing in for torch.distributed."""
+
+    def __init__(self, world):
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world)
+        self.slots = [None] * world
+
+    def all_gather_cat(self, t, world_size):
+        assert world_size == self.world
+        if world_size == 1:
+            return t
+        self.slots[self.local.rank] = t.clone()
+        self.barrier.wait()
+        out = torch.cat(list(self.slots))
+        self.barrier.wait()
+        return out
+
+
+def _scores(idx):  # a fixed non-uniform score per example
+    return 0.1 + (torch.as_tensor(idx).double() * 0.618).remainder(1.0)
+
+
+def _losses(idx):
+    return 1.0 + (torch.as_tensor(idx).double() * 0.377).remainder(1.0)
+
+
+def _score_driven(kind, world, rank):
+    b = G // world
+    if kind == "importance":
+        return ImportanceSampler(N, b, presample=24, score_fn=_scores, tau_th=1.01, tau_momentum=0.5, seed=5,
+                                 rank=rank, world_size=world)
+    if kind == "online":
+        return OnlineBatchSelection(N, b, s_e=20.0, seed=5, rank=rank, world_size=world)
+    return PrioritizedSampler(N, b, alpha=0.7, beta=0.5, beta_steps=10, seed=5, rank=rank, world_size=world)
+
+
+def _run_ranks(monkeypatch, samplers, steps):
+    """Step every rank's sampler in its own thread; returns global (indices, weights) per step."""
+    world = len(samplers)
+    group = _Group(world)
+    monkeypatch.setattr(importance, "_all_gather_cat", group.all_gather_cat)
+    monkeypatch.setattr(history, "_all_gather_cat", group.all_gather_cat)
+    out = [[None] * world for _ in range(steps)]
+    errors = []
+
+    def work(rank):
+        group.local.rank = rank
+        s = samplers[rank]
+        try:
+            for t in range(steps):
+                batch = s.next_batch()
+                out[t][rank] = batch
+                s.observe(batch.indices, losses=_losses(batch.indices), scores=_scores(batch.indices))
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    rows = []
+    for parts in out:
+        idx = torch.cat([p.indices for p in parts]).tolist()
+        w = None if parts[0].weights is None else torch.cat([p.weights for p in parts])
+        rows.append((idx, w))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["importance", "online", "prioritized"])
+def test_score_driven_state_is_global_and_resumes_at_another_world_size(monkeypatch, kind):
+    reference = _run_ranks(monkeypatch, [_score_driven(kind, 1, 0)], 20)
+    first = [_score_driven(kind, 2, r) for r in range(2)]
+    got = _run_ranks(monkeypatch, first, 8)
+    states = [s.state_dict() for s in first]
+    assert _same(states[1], states[0])
+    second = [_score_driven(kind, 4, r) for r in range(4)]
+    for s in second:
+        s.load_state_dict(states[0])
+    got += _run_ranks(monkeypatch, second, 12)
+    assert [i for i, _ in got] == [i for i, _ in reference]
+    for (_, w), (_, ref) in zip(got, reference):
+        assert (w is None) == (ref is None)
+        if w is not None:
+            torch.testing.assert_close(w, ref, rtol=1e-6, atol=0)
+    if kind == "importance":
+        assert any(w is not None for _, w in reference)  # importance sampling did switch on
+
+
+# -- keyed draws ----------------------------------------------------------------------------------
+
+
+def test_keyed_uniforms_match_the_splitmix64_reference_and_are_uniform():
+    base = keyed.mix(3, 7, 11)
+    idx = torch.tensor([0, 1, 5, 2**40, 123456789])
+    got = keyed.uniform_from_keys(base, idx, torch.float64)
+    m64 = (1 << 64) - 1
+
+    def splitmix(z):
+        z &= m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    ref = [(splitmix(base + i * 0x9E3779B97F4A7C15) >> 11) * 2.0**-53 for i in idx.tolist()]
+    assert got.tolist() == ref
+    u = keyed.Keys(0, 5, torch.arange(200_000)).uniform(keyed.stream_id("t"), 2)
+    se = (1 / 12 / u.shape[0]) ** 0.5  # standard error of the mean of U(0, 1)
+    assert (u.mean(0) - 0.5).abs().max() < 5 * se
+    assert abs(float(torch.corrcoef(u.T)[0, 1])) < 5 / u.shape[0] ** 0.5
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+
+
+def _split(t, world):
+    return list(t.chunk(world))
+
+
+def test_keyed_draws_do_not_depend_on_how_the_batch_is_split():
+    torch.manual_seed(0)
+    idx = torch.randperm(500)[:24]
+    x = torch.randn(24, 3, 8, 8)
+    whole = cifar_augment(x, fill=0.0, keys=keyed.Keys(7, 11, idx))
+    parts = [cifar_augment(xp, fill=0.0, keys=keyed.Keys(7, 11, ip)) for xp, ip in zip(_split(x, 4), _split(idx, 4))]
+    assert torch.equal(torch.cat(parts), whole)
+    other = cifar_augment(x, fill=0.0, keys=keyed.Keys(7, 12, idx))  # another step: other crops and flips
+    assert not torch.equal(other, whole)
+
+    def coefficients(indices, step):
+        a1, b1 = [], []
+        with regularize.keyed(7, step, indices) as keys:
+            for _ in range(2):  # two shake layers take two streams
+                from sgdlab.regularize.shake import draw_coefficients
+
+                a, b = draw_coefficients(torch.zeros(len(indices), 4))
+                a1.append(a.flatten())
+                b1.append(b.flatten())
+            rg = regularize.RandomGradient(0.0, 1.0, per_sample=True, p=0.5, seed=9)
+            f = rg(torch.ones(len(indices)))
+            assert len(keys) == len(indices)
+        return torch.stack(a1 + b1), f
+
+    ref_c, ref_f = coefficients(idx, 3)
+    assert not torch.equal(ref_c[0], ref_c[1])  # the two layers draw differently
+    got = [coefficients(i, 3) for i in _split(idx, 3)]
+    assert torch.equal(torch.cat([c for c, _ in got], 1), ref_c)
+    assert torch.equal(torch.cat([f for _, f in got]), ref_f)
+    assert not torch.equal(coefficients(idx, 4)[0], ref_c)
+
+
+def test_keyed_batch_level_draws_are_one_per_batch_and_outside_a_context_the_generator_is_used():
+    from sgdlab.regularize.shake import draw_coefficients
+
+    idx = torch.arange(10)
+    with regularize.keyed(1, 2, idx):
+        a, _ = draw_coefficients(torch.zeros(10, 3), level="batch")
+    with regularize.keyed(1, 2, idx[:3]):  # another rank's slice: the same batch coefficient
+        a2, _ = draw_coefficients(torch.zeros(3, 3), level="batch")
+    assert a.shape == (1, 1) and torch.equal(a, a2)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    plain = draw_coefficients(torch.zeros(10, 3), generator=g1)[0]
+    assert torch.equal(plain, torch.rand((2, 10, 1), generator=g2)[0])
+
+
+def test_keyed_context_checks_its_rows():
+    with regularize.keyed(0, 0, torch.arange(5)):
+        with pytest.raises(ValueError, match="batch has 4 examples but the keyed context has 5 indices"):
+            regularize.shake(torch.zeros(4, 2), torch.ones(4, 2), training=True)
+    with pytest.raises(ValueError, match="generator or keys, not both"):
+        cifar_augment(torch.zeros(2, 3, 8, 8), generator=torch.Generator(), keys=keyed.Keys(0, 0, torch.arange(2)))
+    with pytest.raises(ValueError, match="indices must be a 1-D integer tensor"):
+        keyed.Keys(0, 0, torch.zeros(3))
