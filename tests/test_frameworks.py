@@ -296,3 +296,31 @@ def test_sampler_sent_to_a_spawned_process_continues_exactly(tmp_path):
         sampler.next_batch(), ref.next_batch()
     mp.spawn(_continue_in_child, args=(sampler, ref.next_batch().indices.tolist(), str(tmp_path / "ok")), nprocs=1)
     assert json.loads((tmp_path / "ok").read_text()) is True
+
+
+@pytest.mark.slow
+def test_lightning_resumes_at_another_world_size(tmp_path):
+    """A checkpoint written by 2 Lightning DDP processes (global batch 8, 4 per rank) resumed by 1 and by 4
+    processes trains the global batches of an uninterrupted 1-process run, to the same weights (1e-5)."""
+    pytest.importorskip("lightning")
+
+    def fit(name, devices, steps, ckpt=None):
+        args = [sys.executable, str(HERE / "lightning_elastic.py"), str(tmp_path), name, str(devices), str(steps)]
+        proc = subprocess.run(args + ([str(ckpt)] if ckpt else []), env=_env(), capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(devices)]
+        steps_seen = [s for s, _ in ranks[0]]
+        return steps_seen, [sum((r[i][1] for r in ranks), []) for i in range(len(ranks[0]))]
+
+    full_steps, full = fit("full", 1, 12)
+    assert full_steps == list(range(12))
+    part_steps, part = fit("part", 2, 6)
+    assert part == full[:6]
+    for devices in (1, 4):
+        steps, rest = fit(f"resumed{devices}", devices, 12, tmp_path / "part.ckpt")
+        assert steps == list(range(6, 12)) and rest == full[6:]
+        a = torch.load(tmp_path / "full.pt", weights_only=True)
+        b = torch.load(tmp_path / f"resumed{devices}.pt", weights_only=True)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
