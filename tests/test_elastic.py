@@ -256,3 +256,131 @@ def test_keyed_context_checks_its_rows():
         cifar_augment(torch.zeros(2, 3, 8, 8), generator=torch.Generator(), keys=keyed.Keys(0, 0, torch.arange(2)))
     with pytest.raises(ValueError, match="indices must be a 1-D integer tensor"):
         keyed.Keys(0, 0, torch.zeros(3))
+
+
+# -- the engine: one run, any world size ------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+FRAMEWORKS = Path(__file__).resolve().parent / "frameworks"
+RUN = {
+    "seed": 3, "device": "cpu", "threads": 1, "duration": "40 steps",
+    "data": {"name": "synthetic", "num_samples": 96, "num_test": 16, "shape": [3, 8, 8], "num_classes": 4,
+             "augment": True},
+    "model": {"name": "shake_resnet", "depth": 8, "width": 4, "batchnorm": False,
+              "shake": {"forward": "shake", "backward": "shake", "level": "image"}},
+    "sampler": {"name": "srs", "batch_size": 8},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "schedule": {"name": "constant"},
+    "loss": {"name": "cross_entropy", "random_gradient": {"low": 0.0, "high": 1.0, "per_sample": True}},
+    "eval": {"every": 0}, "checkpoint": {"every": 20}, "log": {"every": 1, "progress": False},
+    "imports": ["elastic_trace"],
+}
+
+
+def _env(trace: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SGDLAB_TRACE_DIR": str(trace)}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(FRAMEWORKS), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _sgdlab(args, procs, trace: Path):
+    trace.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, "-m", "sgdlab.cli", *args], env=_env(trace), capture_output=True,
+                          text=True, timeout=600, check=False)
+    return proc
+
+
+def _trace(folder: Path) -> dict:
+    """Per (kind, step): the list of calls in order, each the global rows (ranks concatenated in order)."""
+    ranks = defaultdict(list)
+    for path in sorted(folder.glob("trace-rank*.jsonl")):
+        rank = int(path.name.split("-")[1][4:])
+        ranks[rank] += [json.loads(line) for line in path.read_text().splitlines()]
+    calls = defaultdict(lambda: defaultdict(list))  # (kind, step) -> call number -> [rows per rank]
+    for rank in sorted(ranks):
+        count = defaultdict(int)
+        for row in ranks[rank]:
+            key = (row["kind"], row["step"])
+            calls[key][count[key]].append(row)
+            count[key] += 1
+    out = {}
+    for key, per_call in calls.items():
+        out[key] = [{f: sum((r[f] for r in rows), []) for f in rows[0] if f not in ("kind", "step")}
+                    for _, rows in sorted(per_call.items())]
+    return out
+
+
+def _losses(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def _assert_same_run(got: dict, ref: dict, steps) -> None:
+    for (kind, step), calls in ref.items():
+        if step not in steps:
+            continue
+        other = got[(kind, step)]
+        assert len(other) == len(calls), (kind, step)
+        for mine, theirs in zip(other, calls):
+            assert mine["indices"] == theirs["indices"], (kind, step)
+            for field in theirs:
+                if field == "sums":  # augmented images: same crops and flips, summed in another batch shape
+                    assert mine[field] == pytest.approx(theirs[field], rel=1e-6, abs=1e-5), (kind, step)
+                elif field != "indices":
+                    assert mine[field] == theirs[field], (kind, step, field)
+
+
+def _elastic(tmp_path, resume_procs):
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(RUN))
+    ref = tmp_path / "one"
+    p = _sgdlab(["run", str(cfg), "--out", str(ref), "--quiet"], 1, tmp_path / "trace-one")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    part = tmp_path / "two"
+    p = _sgdlab(["run", str(cfg), "--out", str(part), "--quiet", "sampler.batch_size=4", "duration=20 steps"], 2,
+                tmp_path / "trace-two")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one = _trace(tmp_path / "trace-one")
+    _assert_same_run(_trace(tmp_path / "trace-two"), one, range(20))
+    for procs in resume_procs:
+        run = tmp_path / f"resumed{procs}"
+        shutil.copytree(part, run)
+        p = _sgdlab(["resume", str(run), "duration=40 steps"], procs, tmp_path / f"trace-{procs}")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "dropout" in p.stdout  # the one line naming what is not carried over
+        got = _trace(tmp_path / f"trace-{procs}")
+        assert {s for _, s in got} == set(range(20, 40))
+        _assert_same_run(got, one, range(20, 40))
+        la, lb = _losses(ref), _losses(run)
+        assert sorted(lb) == list(range(1, 41))
+        for s in range(1, 41):
+            assert lb[s] == pytest.approx(la[s], rel=1e-5), s
+        a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)["model"]
+        b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_two_process_run_resumes_as_one_process_with_the_same_draws(tmp_path):
+    """SRS, image-level Shake-Shake, per-sample Random Gradient and batched augmentation: 40 steps as 1
+    process, and as 2 processes checkpointed at step 20 then resumed as 1: every step trains the same global
+    batch with the same per-example coefficients, factors and crops, to the same losses and weights."""
+    _elastic(tmp_path, [1])
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_as_four_processes_with_the_same_draws(tmp_path):
+    _elastic(tmp_path, [4])
