@@ -372,15 +372,45 @@ def _elastic(tmp_path, resume_procs):
         b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
-
-
-def test_a_two_process_run_resumes_as_one_process_with_the_same_draws(tmp_path):
-    """SRS, image-level Shake-Shake, per-sample Random Gradient and batched augmentation: 40 steps as 1
-    process, and as 2 processes checkpointed at step 20 then resumed as 1: every step trains the same global
-    batch with the same per-example coefficients, factors and crops, to the same losses and weights."""
-    _elastic(tmp_path, [1])
+    return part
 
 
 @pytest.mark.slow
-def test_a_two_process_run_resumes_as_four_processes_with_the_same_draws(tmp_path):
-    _elastic(tmp_path, [4])
+def test_a_two_process_run_resumes_as_one_and_as_four_processes_with_the_same_draws(tmp_path):
+    """SRS, image-level Shake-Shake, per-sample Random Gradient and batched augmentation: 40 steps as 1
+    process, and as 2 processes checkpointed at step 20 then resumed as 1 and as 4: every step trains the same
+    global batch with the same per-example coefficients, factors and crops, to the same losses and weights.
+    3 processes cannot share the global batch of 8: one line, exit 2."""
+    part = _elastic(tmp_path, [1, 4])
+    p = _sgdlab(["resume", str(part), "duration=40 steps"], 3, tmp_path / "trace-3")
+    assert p.returncode != 0
+    assert "trains a global batch of 8 examples, which 3 processes cannot share equally" in p.stderr
+
+
+def test_a_checkpoint_of_another_world_size_resumes_in_one_process(tmp_path):
+    """Fast case, one process: the step-20 checkpoint of a run, rewritten as two processes of 4 examples
+    would have written it, resumes here with 8 per process and ends bit-identical to the uninterrupted run."""
+    import yaml
+
+    from sgdlab.train import engine
+
+    cfg = {k: v for k, v in RUN.items() if k != "imports"}
+    full, part = tmp_path / "full", tmp_path / "part"
+    engine.run(cfg, full, quiet=True)
+    engine.run({**cfg, "duration": "20 steps"}, part, quiet=True)
+    path = part / "checkpoints" / "last.pt"
+    st = torch.load(path, weights_only=True)
+    assert st["global_batch"] == 8 and st["world_size"] == 1
+    st.update(world_size=2, rng_ranks=[st["rng"], st["rng"]])
+    st["config"]["sampler"]["batch_size"] = 4
+    torch.save(st, path)
+    saved = yaml.safe_load((part / "config.yaml").read_text())
+    saved["sampler"]["batch_size"] = 4
+    (part / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    summary = engine.resume(part, overrides=["duration=40 steps"], quiet=True)
+    assert summary["steps"] == 40 and summary["world_size"] == 1
+    assert _losses(part) == _losses(full)
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(path, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["global_batch"] == 8

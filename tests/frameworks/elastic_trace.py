@@ -5,12 +5,15 @@ Shake-Shake call, per Random Gradient call and per augmentation (the augmented i
 active keyed context) and the coefficients or factors drawn for them.
 """
 
+import importlib
 import json
 import os
 from pathlib import Path
 
 from sgdlab import keyed
-from sgdlab.regularize import random_gradient, shake
+
+shake = importlib.import_module("sgdlab.regularize.shake")  # the module (sgdlab.regularize.shake is the function)
+random_gradient = importlib.import_module("sgdlab.regularize.random_gradient")
 
 OUT = os.environ.get("SGDLAB_TRACE_DIR")
 
