@@ -335,17 +335,19 @@ def _assert_same_run(got: dict, ref: dict, steps) -> None:
         for mine, theirs in zip(other, calls):
             assert mine["indices"] == theirs["indices"], (kind, step)
             for field in theirs:
-                if field == "sums":  # augmented images: same crops and flips, summed in another batch shape
+                if field == "weights":  # scores of the presample, computed in other chunks, then normalised
+                    assert mine[field] == pytest.approx(theirs[field], rel=1e-5), (kind, step)
+                elif field == "sums":  # augmented images: same crops and flips, summed in another batch shape
                     assert mine[field] == pytest.approx(theirs[field], rel=1e-6, abs=1e-5), (kind, step)
                 elif field != "indices":
                     assert mine[field] == theirs[field], (kind, step, field)
 
 
-def _elastic(tmp_path, resume_procs):
+def _elastic(tmp_path, resume_procs, **changes):
     import yaml
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(RUN))
+    cfg.write_text(yaml.safe_dump({**RUN, **changes}))
     ref = tmp_path / "one"
     p = _sgdlab(["run", str(cfg), "--out", str(ref), "--quiet"], 1, tmp_path / "trace-one")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -363,6 +365,7 @@ def _elastic(tmp_path, resume_procs):
         assert "dropout" in p.stdout  # the one line naming what is not carried over
         got = _trace(tmp_path / f"trace-{procs}")
         assert {s for _, s in got} == set(range(20, 40))
+        assert {k for k, _ in got} == {k for k, _ in one}
         _assert_same_run(got, one, range(20, 40))
         la, lb = _losses(ref), _losses(run)
         assert sorted(lb) == list(range(1, 41))
@@ -385,6 +388,16 @@ def test_a_two_process_run_resumes_as_one_and_as_four_processes_with_the_same_dr
     p = _sgdlab(["resume", str(part), "duration=40 steps"], 3, tmp_path / "trace-3")
     assert p.returncode != 0
     assert "trains a global batch of 8 examples, which 3 processes cannot share equally" in p.stderr
+
+
+@pytest.mark.slow
+def test_importance_sampling_resumes_at_another_world_size(tmp_path):
+    """The same with ImportanceSampler (presample 24 scored in shares and all-gathered): the global batches and
+    their weights of a 2-process run resumed as 1 and as 4 processes are the 1-process run's."""
+    _elastic(tmp_path, [1, 4], sampler={"name": "importance", "batch_size": 8, "presample": 24, "tau_th": 0.0})
+    rows = [json.loads(line) for line in (tmp_path / "trace-one" / next(
+        p.name for p in (tmp_path / "trace-one").glob("trace-rank0-*.jsonl"))).read_text().splitlines()]
+    assert any(r["kind"] == "batch" and r["weights"] for r in rows)  # importance sampling was on
 
 
 def test_a_checkpoint_of_another_world_size_resumes_in_one_process(tmp_path):

@@ -55,3 +55,17 @@ if OUT and not getattr(shake, "_traced", False):
         return out
 
     engine.cifar_augment = cifar_augment
+
+    from sgdlab.sampling import importance
+
+    _next = importance.ImportanceSampler.next_batch
+
+    def next_batch(self):
+        batch = _next(self)
+        row = {"kind": "batch", "step": self.steps - 1, "indices": batch.indices.tolist(),
+               "weights": [] if batch.weights is None else batch.weights.tolist()}
+        with PATH.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return batch
+
+    importance.ImportanceSampler.next_batch = next_batch
