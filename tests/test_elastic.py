@@ -357,6 +357,10 @@ def _elastic(tmp_path, resume_procs, **changes):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     one = _trace(tmp_path / "trace-one")
     _assert_same_run(_trace(tmp_path / "trace-two"), one, range(20))
+    la, lp = _losses(ref), _losses(part)
+    assert sorted(lp) == list(range(1, 21))
+    for s in range(1, 21):
+        assert lp[s] == pytest.approx(la[s], rel=1e-5), s
     for procs in resume_procs:
         run = tmp_path / f"resumed{procs}"
         shutil.copytree(part, run)
@@ -400,6 +404,13 @@ def test_importance_sampling_resumes_at_another_world_size(tmp_path):
     assert any(r["kind"] == "batch" and r["weights"] for r in rows)  # importance sampling was on
 
 
+@pytest.mark.slow
+def test_sync_bn_makes_a_batchnorm_model_world_size_invariant(tmp_path):
+    """With BatchNorm and sync_bn: true, 2 processes train what 1 process trains (losses within 1e-5)."""
+    model = {**RUN["model"], "batchnorm": True}
+    _elastic(tmp_path, [], model=model, sync_bn=True)
+
+
 def test_a_checkpoint_of_another_world_size_resumes_in_one_process(tmp_path):
     """Fast case, one process: the step-20 checkpoint of a run, rewritten as two processes of 4 examples
     would have written it, resumes here with 8 per process and ends bit-identical to the uninterrupted run."""
@@ -427,3 +438,46 @@ def test_a_checkpoint_of_another_world_size_resumes_in_one_process(tmp_path):
     b = torch.load(path, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["global_batch"] == 8
+
+
+def _sync_bn_worker(rank, folder):
+    import torch.distributed as dist
+
+    from sgdlab.train.distributed import convert_sync_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 3, 4, 4, generator=g) * 2 + 1, torch.randn(8, 3, 4, 4, generator=g)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5, generator=g)
+        ref.bias.uniform_(-1, 1, generator=g)
+    mine = convert_sync_batchnorm(torch.nn.Sequential(ref), torch.device("cpu"))[0]
+    assert type(mine).__name__ == "GlooSyncBatchNorm" and torch.equal(mine.weight, ref.weight)
+    ref, mine = torch.nn.BatchNorm2d(3), mine  # the reference: plain BatchNorm on the whole batch
+    ref.load_state_dict(mine.state_dict())
+    xr, xm = x.clone().requires_grad_(True), x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    yr, ym = ref(xr), mine(xm)
+    (yr * w).sum().backward()
+    (ym * w[rank * 4:(rank + 1) * 4]).sum().backward()
+    grads = [mine.weight.grad.clone(), mine.bias.grad.clone()]
+    for t in grads:
+        dist.all_reduce(t)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ym, yr[rank * 4:(rank + 1) * 4], **close)
+    torch.testing.assert_close(xm.grad, xr.grad[rank * 4:(rank + 1) * 4], **close)
+    torch.testing.assert_close(grads, [ref.weight.grad, ref.bias.grad], **close)
+    torch.testing.assert_close(mine.running_var, ref.running_var, **close)
+    torch.testing.assert_close(mine.running_mean, ref.running_mean, **close)
+    (Path(folder) / f"ok{rank}").write_text("ok")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpu_gives_the_global_batch_statistics_and_gradients(tmp_path):
+    """sync_bn on a CPU process group (gloo): two ranks holding halves of a batch get the outputs, input
+    gradients, parameter gradients (summed over ranks) and running statistics of one BatchNorm on the whole."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_bn_worker, args=(str(tmp_path),), nprocs=2)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()

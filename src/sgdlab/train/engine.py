@@ -48,7 +48,7 @@ from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntr
                     build_dataset, build_model, build_optimizer, evaluate, first_line, load_model_state,
                     load_weights, per_example_loss, resolve_device, step_error)
 from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift
-from .distributed import Dist, setup_distributed
+from .distributed import Dist, convert_sync_batchnorm, setup_distributed
 from .metrics import MetricsLog, progress_bar, read_rows
 from .state import CHECKPOINT, atomic_torch_save, atomic_write_text, rank_seed, rng_state, set_rng_state
 
@@ -491,11 +491,8 @@ class _Run:
             # stream per rank, or its masks would repeat across the ranks' slices. Rank 0 keeps the
             # single-process stream.
             torch.manual_seed(rank_seed(cfg.seed, dist.rank))
-        if cfg.sync_bn and dist.enabled:
-            if self.device.type != "cuda":
-                raise ConfigError(f"sync_bn: torch's SyncBatchNorm synchronises on GPUs only, and this run is on "
-                                  f"{self.device.type}; drop sync_bn or use a model without BatchNorm")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.sync_bn and dist.enabled:  # BatchNorm statistics of the global batch, at any world size
+            model = convert_sync_batchnorm(model, self.device)
         model.to(self.device)
         if cfg.fast.channels_last:
             model.to(memory_format=torch.channels_last)
