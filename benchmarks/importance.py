@@ -2,6 +2,8 @@
 
 (a) time to score a presample with the upper bound (eq. 19) / time of a plain no-grad forward pass of
     the same presample                                                    target <= 1.15
+    and the same for a tiny GPT-2 language model (Hugging Face transformers, from a config; dict batches,
+    ModelOutput, the sequence bound over all token logits with -100 labels masked)  target <= 1.15
 (b) time of exact per-example gradient norms (torch.func) / time of the upper bound   target >= 10
 (c) at an equal wall-clock budget on MNIST-1D, final training loss of importance sampling / that of
     uniform sampling (epoch-wise shuffling), with test errors, over 3 seeds (the paper's claim, section 4:
@@ -66,6 +68,39 @@ def scoring_ratios(model_name: str, presample: int, reps: int) -> tuple[float, f
     return t_ub / t_fwd, t_gn / t_ub, {"forward_s": t_fwd, "upper_bound_s": t_ub, "gradnorm_s": t_gn}
 
 
+def gpt2_scoring_ratio(presample: int, reps: int, seq: int = 32) -> tuple[float, dict] | None:
+    """Upper-bound scoring of ``presample`` sequences of a tiny GPT-2 / a no-grad forward of them."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=1000, n_positions=seq, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+                     eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (4 * presample, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 4] = -100  # a prompt that is not counted
+    idx = torch.randint(len(ids), (presample,), generator=g)
+
+    def fetch(i):
+        return {"input_ids": ids[i], "labels": labels[i]}
+
+    upper = model_scorer(model, fetch, loss="causal_lm")
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=fetch(idx)["input_ids"])
+
+    t_fwd, t_ub = [], []
+    for _ in range(3):
+        t_fwd.append(_median_time(forward, reps))
+        t_ub.append(_median_time(lambda: upper(idx), reps))
+    t_fwd, t_ub = min(t_fwd), min(t_ub)
+    return t_ub / t_fwd, {"forward_s": t_fwd, "upper_bound_s": t_ub, "seq": seq, "vocab": cfg.vocab_size}
+
+
 def equal_time(seconds: float, seeds: int, model_name: str) -> tuple[str, list[dict]]:
     from sgdlab import train
 
@@ -109,6 +144,15 @@ def main() -> None:
           f"[{raw['upper_bound_s'] * 1e3:.2f} ms vs {raw['forward_s'] * 1e3:.2f} ms]")
     print(f"(b) exact gradient norms / upper bound     : {rb:6.1f}   (target >= 10)    "
           f"[{raw['gradnorm_s'] * 1e3:.1f} ms]")
+
+    gpt = gpt2_scoring_ratio(256, reps)
+    if gpt is None:
+        print("(a) tiny GPT-2: skipped (pip install 'sgdlab[transformers]')")
+    else:
+        r, raw = gpt
+        print(f"(a) tiny GPT-2 (2 layers, width 64, vocab {raw['vocab']}, 256 sequences of {raw['seq']} tokens), "
+              f"upper-bound scoring / no-grad forward : {r:6.3f}   (target <= 1.15)  "
+              f"[{raw['upper_bound_s'] * 1e3:.2f} ms vs {raw['forward_s'] * 1e3:.2f} ms]")
 
     how, rows = equal_time(seconds, args.seeds, args.model)
     print(f"(c) equal wall-clock budget {seconds:g} s per run on MNIST-1D, {args.seeds} seeds; loop: {how}")

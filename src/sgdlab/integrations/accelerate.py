@@ -33,6 +33,8 @@ class ResumableLoader:
     """Iterable over ``DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)``, batches on ``device``.
 
     A batch counts as trained once it has been handed to the loop, so save state after the optimizer step.
+    Inside ``transformers.Trainer`` use :class:`sgdlab.integrations.transformers.Trainer`, which checkpoints this
+    loader's position with its own checkpoints and does not skip batches a second time on resume.
     ``state_dict``/``load_state_dict`` make it a checkpointable object for ``register_for_checkpointing``.
     """
 
@@ -44,6 +46,16 @@ class ResumableLoader:
         self.device = device
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
         self.position = LoaderPosition(sampler)
+
+    @property
+    def dataset(self):
+        """The dataset (``transformers.Trainer`` reads ``loader.dataset``)."""
+        return self.loader.dataset
+
+    @property
+    def batch_sampler(self):
+        """The sgdlab sampler choosing the batches."""
+        return self.sampler
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -65,7 +77,7 @@ class ResumableLoader:
 def prepare_loader(accelerator: "accelerate.Accelerator", dataset, sampler, **loader_kwargs) -> ResumableLoader:
     """A :class:`ResumableLoader` for ``accelerator``'s device, registered for ``save_state``/``load_state``.
 
-    ``sampler`` must be an sgdlab blind sampler sliced for this process group (built after ``Accelerator()``
+    ``sampler`` must be an sgdlab sampler (blind or score-driven) sliced for this process group (built after ``Accelerator()``
     with the default ``rank``/``world_size``); a ValueError names the mismatch otherwise.
     """
     world = accelerator.num_processes

@@ -7,8 +7,9 @@ from .srs import SequencedReplacementSampler
 from .importance import ImportanceSampler, model_scorer, upper_bound_scores
 from .history import OnlineBatchSelection, PrioritizedSampler
 from .position import LoaderPosition
+from .loading import IndexBatch, WithWeights
 
 __all__ = ["Batch", "BatchSource", "SourceContext", "create", "names", "register", "resolve_rank", "rank_slice", "rank_batch_size",
            "EpochSampler", "ReplacementSampler", "SequencedReplacementSampler", "accessible_configurations",
            "ImportanceSampler", "model_scorer", "upper_bound_scores", "OnlineBatchSelection", "PrioritizedSampler",
-           "LoaderPosition"]
+           "LoaderPosition", "IndexBatch", "WithWeights"]

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, rank_slice, register, resolve_rank
+from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, register, resolve_rank
 from .importance import _all_gather_cat, _fetcher, model_scorer
+from .loading import ScoredPasses
 
 __all__ = ["OnlineBatchSelection", "PrioritizedSampler", "rank_probabilities"]
 
@@ -64,7 +65,7 @@ def rank_probabilities(num_samples: int, s_e: float) -> torch.Tensor:
     return p / p.sum()
 
 
-class OnlineBatchSelection:
+class OnlineBatchSelection(ScoredPasses):
     """Online batch selection by loss rank (Loshchilov & Hutter, 2015), a history-based batch source.
 
     All ``N`` examples are ranked by their latest known loss (highest first); rank ``r`` is drawn with
@@ -133,6 +134,7 @@ class OnlineBatchSelection:
         self.last_recompute: float | None = None
         self._probs: torch.Tensor | None = None
         self._probs_s_e: float | None = None
+        self._init_passes()
 
     def __len__(self) -> int:
         return max(1, self.num_samples // self.global_batch)
@@ -179,8 +181,8 @@ class OnlineBatchSelection:
         self.last_recompute = self.epoch
         self._probs = None
 
-    def next_batch(self) -> Batch:
-        """Draw ``world_size * batch_size`` examples with replacement by loss rank; no weights."""
+    def _draw(self) -> Batch:
+        """The next global batch: ``world_size * batch_size`` examples with replacement by loss rank; no weights."""
         if self._alone:
             self._alone = check_group(type(self).__name__)
         if self.recompute_every is not None and (
@@ -188,7 +190,7 @@ class OnlineBatchSelection:
             self._recompute()
         glob = torch.multinomial(self.probabilities(), self.global_batch, replacement=True, generator=self.generator)
         self.steps += 1
-        return Batch(rank_slice(glob, self.rank, self.world_size), None)
+        return Batch(glob, None)
 
     def observe(self, indices: torch.Tensor, losses: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> None:
@@ -221,7 +223,7 @@ class OnlineBatchSelection:
         self._probs = None
 
 
-class PrioritizedSampler:
+class PrioritizedSampler(ScoredPasses):
     """Proportional prioritized sampling (Schaul et al., 2016, section 3.3 and 3.4), a history-based source.
 
     Priority ``p_i = |loss_i| + eps`` from the latest observed loss (examples never trained on keep the
@@ -272,6 +274,7 @@ class PrioritizedSampler:
         self.max_priority = 1.0
         self.steps = 0
         self._last: dict[str, float] = {}
+        self._init_passes()
 
     def __len__(self) -> int:
         return max(1, self.num_samples // self.global_batch)
@@ -296,15 +299,16 @@ class PrioritizedSampler:
         top = w.max() if self.normalize == "batch" else (self.num_samples * p.min()).pow(-b)
         return w / top
 
-    def next_batch(self) -> Batch:
-        """Draw ``world_size * batch_size`` examples with replacement from ``P``, with normalized weights."""
+    def _draw(self) -> Batch:
+        """The next global batch: ``world_size * batch_size`` examples drawn with replacement from ``P``, with
+        normalized weights."""
         if self._alone:
             self._alone = check_group(type(self).__name__)
         glob = torch.multinomial(self.probabilities(), self.global_batch, replacement=True, generator=self.generator)
         w = self.weights_for(glob).float()
         self._last = {"per_beta": self.beta, "per_weight_min": float(w.min())}
         self.steps += 1
-        return Batch(rank_slice(glob, self.rank, self.world_size), rank_slice(w, self.rank, self.world_size))
+        return Batch(glob, w)
 
     def observe(self, indices: torch.Tensor, losses: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> None:

@@ -28,18 +28,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, rank_slice, register, resolve_rank
+from .base import Batch, SourceContext, check_group, check_sizes, group_initialized, register, resolve_rank
+from .loading import ScoredPasses
 
 __all__ = [
     "LOSSES",
     "ImportanceSampler",
     "default_tau_th",
+    "model_logits",
     "model_scorer",
     "normalize_scores",
     "per_example_loss",
@@ -49,7 +51,9 @@ __all__ = [
     "upper_bound_scores",
 ]
 
-LOSSES = ("cross_entropy", "bce", "mse")
+LOSSES = ("cross_entropy", "bce", "mse", "token_cross_entropy", "causal_lm")
+SEQUENCE_LOSSES = ("token_cross_entropy", "causal_lm")
+IGNORE_INDEX = -100  # label of a token that is not counted (Hugging Face / PyTorch convention)
 SCORES = ("upper_bound", "loss", "gradnorm")
 TAU_KINDS = ("std", "variance")
 
@@ -98,9 +102,16 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, loss: LossArg 
       (``y`` in [0, 1] shaped like ``z``, or class indices, taken one-hot).
     - ``"mse"``: ``0.5 * ||z - y||^2`` (``y`` shaped like ``z`` or class indices, taken one-hot), the
       training engine's convention.
+    - ``"token_cross_entropy"``: logits ``(N, T, V)``, integer targets ``(N, T)``; the mean of the token
+      cross-entropies over the example's counted tokens (targets ``-100`` are not counted; an example with no
+      counted token has loss 0) -- shared/METHODS.md, "importance sampling for sequences".
+    - ``"causal_lm"``: the same after the causal shift (the logits at position ``t`` predict target ``t + 1``),
+      as Hugging Face causal language models compute it.
     - a callable ``loss(logits, targets) -> per-example losses`` is called as is.
     """
     _check_loss(loss)
+    if loss in SEQUENCE_LOSSES:
+        return _token_loss(*_tokens(logits, targets, loss))
     if callable(loss):
         out = loss(logits, targets)
         if not torch.is_tensor(out) or out.shape != (logits.shape[0],):
@@ -113,8 +124,46 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, loss: LossArg 
     return _loss(logits, targets, loss)
 
 
+def _tokens(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated token logits ``(N, T', V)`` and targets ``(N, T')`` of a sequence loss (shifted for causal_lm)."""
+    if not torch.is_tensor(logits) or logits.ndim != 3:
+        raise ValueError(f"{loss} needs logits of shape (N, T, V), got {tuple(getattr(logits, 'shape', ()))}")
+    if not torch.is_tensor(targets) or targets.is_floating_point() or tuple(targets.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"{loss} needs integer targets of shape {tuple(logits.shape[:2])} (-100 = not counted), got "
+                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    if loss == "causal_lm":
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    counted = targets[targets != IGNORE_INDEX]
+    v = logits.shape[-1]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= v):
+        raise ValueError(f"{loss}: targets must be token ids in [0, {v}) or -100, got values in "
+                         f"[{int(counted.min())}, {int(counted.max())}]")
+    return logits, targets.long()
+
+
+def _token_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example mean of the token cross-entropies over counted tokens (``y != -100``)."""
+    n, t, v = z.shape
+    ce = F.cross_entropy(z.reshape(n * t, v), y.reshape(n * t), ignore_index=IGNORE_INDEX, reduction="none")
+    counted = (y != IGNORE_INDEX).sum(1).clamp(min=1)
+    return ce.view(n, t).sum(1) / counted.to(ce.dtype)
+
+
+def _token_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||d loss_i / d Z_i||_F`` of :func:`_token_loss`: rows ``(softmax(z_t) - onehot(y_t)) / n_i``, 0 if not counted."""
+    counted = y != IGNORE_INDEX
+    d = torch.softmax(z, dim=-1)
+    d.scatter_add_(-1, torch.where(counted, y, 0).unsqueeze(-1), -counted.unsqueeze(-1).to(d.dtype))
+    sq = torch.linalg.vector_norm(d, dim=-1).square() * counted
+    return sq.sum(1).sqrt() / counted.sum(1).clamp(min=1).to(d.dtype)
+
+
 def _loss(logits: torch.Tensor, targets: torch.Tensor, loss: LossArg) -> torch.Tensor:
     """:func:`per_example_loss` without validation (usable under ``torch.func.vmap``)."""
+    if loss in SEQUENCE_LOSSES:
+        if loss == "causal_lm":
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        return _token_loss(logits, targets.long())
     if callable(loss):
         return loss(logits, targets)
     if loss == "cross_entropy" and not targets.is_floating_point():
@@ -145,12 +194,24 @@ def upper_bound_scores(logits: torch.Tensor, targets: torch.Tensor, loss: LossAr
     - ``"mse"`` (``0.5 ||z - y||^2``, the engine's convention): ``||z - y||``, constant 1; with the
       ``mean_k (z_k - y_k)^2`` convention of ``torch.nn.MSELoss`` the gradient norm is ``2 ||z - y|| / K``,
       a constant factor that does not change the sampling distribution.
+    - ``"token_cross_entropy"`` / ``"causal_lm"`` (sequences, METHODS.md "importance sampling for
+      sequences"): the Frobenius norm of the gradient with respect to all of the example's token logits,
+      ``sqrt(sum_t ||softmax(z_t) - onehot(y_t)||^2) / n_i`` over its ``n_i`` counted tokens (targets ``-100``
+      and, for ``causal_lm``, the last position contribute zero rows); eq. 19 applied to the stacked outputs.
     - a callable ``loss(logits, targets) -> per-example losses``: autograd of the summed losses with
       respect to (a detached copy of) the logits, one pass, never backward through the network.
 
     Returns a detached float tensor of shape ``(N,)``.
     """
     _check_loss(loss)
+    if loss in SEQUENCE_LOSSES:
+        with torch.no_grad():
+            z = logits.detach()
+            _tokens(z, targets, loss)  # validation
+            y = targets.long()
+            if loss == "causal_lm":  # the last position predicts nothing: a zero row, as an uncounted token
+                y = torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), IGNORE_INDEX)], dim=1)
+            return _token_scores(z, y)  # all positions: the softmax runs on contiguous logits
     if not torch.is_tensor(logits) or logits.ndim < 1:
         raise ValueError(f"logits must be a tensor of shape (N, ...), got {getattr(logits, 'shape', logits)!r}")
     if not logits.is_floating_point():
@@ -319,7 +380,7 @@ def _all_gather_cat(t: torch.Tensor, world_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class ImportanceSampler:
+class ImportanceSampler(ScoredPasses):
     """Presample-score-resample batch source with the automatic switch (Katharopoulos & Fleuret 2018, Alg. 1).
 
     Each step, while importance sampling is active:
@@ -411,6 +472,7 @@ class ImportanceSampler:
         self.is_steps = 0
         self._observed = False
         self._last: dict[str, float] = {}
+        self._init_passes()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -446,8 +508,8 @@ class ImportanceSampler:
                                      "are not finite (training has diverged)")
         return smooth_scores(s, self.smoothing)
 
-    def next_batch(self) -> Batch:
-        """Draw the next batch: by importance (weighted) while ``tau > tau_th``, else uniformly."""
+    def _draw(self) -> Batch:
+        """The next global batch: by importance (weighted) while ``tau > tau_th``, else uniformly."""
         if self._alone:
             self._alone = check_group(type(self).__name__)
         self._active = self._tau > self.tau_th
@@ -456,11 +518,11 @@ class ImportanceSampler:
             warnings.warn(f"ImportanceSampler has drawn {self.steps} uniform batches and observe() was never called "
                           "with scores: tau stays 0 and importance sampling never switches on; call "
                           "sampler.observe(batch.indices, scores=upper_bound_scores(logits, y)) after every step",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
         if not self._active:
             glob = torch.randint(self.num_samples, (self.global_batch,), generator=self.generator)
             self._last = {"is_weight_max": 1.0, "is_weight_min": 1.0}
-            return Batch(rank_slice(glob, self.rank, self.world_size), None)
+            return Batch(glob, None)
         self.is_steps += 1
         pre = torch.randint(self.num_samples, (self.presample,), generator=self.generator)
         s = self._score_presample(pre)
@@ -469,8 +531,7 @@ class ImportanceSampler:
         slots = torch.multinomial(g, self.global_batch, replacement=True, generator=self.generator)
         w = (1.0 / (self.presample * g[slots])).float()
         self._last = {"is_weight_max": float(w.max()), "is_weight_min": float(w.min()), "is_tau_new": new}
-        return Batch(rank_slice(pre[slots], self.rank, self.world_size),
-                     rank_slice(w, self.rank, self.world_size))
+        return Batch(pre[slots], w)
 
     def observe(self, indices: torch.Tensor, losses: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> None:
@@ -526,8 +587,11 @@ def _per_example_grad_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Te
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def one(p, xi, yi):
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return _loss(out, yi.unsqueeze(0), loss).sum()
+        if isinstance(xi, Mapping):
+            out = functional_call(model, (p, buffers), (), {k: v.unsqueeze(0) for k, v in xi.items()})
+        else:
+            out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return _loss(model_logits(out).float(), yi.unsqueeze(0), loss).sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
     sq = None
@@ -537,12 +601,55 @@ def _per_example_grad_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Te
     return sq.sqrt()
 
 
-def model_scorer(model: torch.nn.Module, fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
+def model_logits(output: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, ``output.logits`` (a Hugging Face ``ModelOutput``),
+    ``output["logits"]`` or the first element of a tuple; ValueError otherwise."""
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, tuple | list) and output:
+        logits = output[0]
+    if not torch.is_tensor(logits):
+        raise ValueError(f"the model's output must be logits, a ModelOutput with .logits, a dict with 'logits' or a "
+                         f"tuple of logits first, got {type(output).__name__}")
+    return logits
+
+
+def _call(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    return model_logits(model(**x) if isinstance(x, Mapping) else model(x))
+
+
+def _split(batch: Any, label_key: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of what ``fetch`` returned: an ``(x, y)`` pair or a dict holding ``label_key``."""
+    if isinstance(batch, Mapping):
+        if label_key not in batch:
+            raise ValueError(f"fetch returned a dict without the targets {label_key!r} (keys: {sorted(batch)})")
+        rest = {k: v for k, v in batch.items() if k != label_key}
+        return rest, batch[label_key]
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        raise ValueError(f"fetch must return (inputs, targets) or a dict of model inputs with {label_key!r}, got "
+                         f"{type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def model_scorer(model: torch.nn.Module, fetch: Callable[[torch.Tensor], Any], *,
                  loss: LossArg = "cross_entropy", score: str = "upper_bound",
-                 chunk_size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                 chunk_size: int | None = None, label_key: str = "labels") -> Callable[[torch.Tensor], torch.Tensor]:
     """Build ``score_fn(indices) -> scores`` for :class:`ImportanceSampler` from a model.
 
-    ``fetch(indices) -> (x, y)`` returns the inputs (on the model's device, preprocessed) and targets.
+    ``fetch(indices)`` returns the batch, on the model's device and preprocessed, as
+
+    - ``(x, y)``: inputs and targets, the model is called as ``model(x)``, or as ``model(**x)`` when ``x`` is a
+      dict of model inputs;
+    - a dict of model inputs holding the targets under ``label_key`` (a collated Hugging Face batch): the
+      targets are taken out and the model is called on the rest (``model(**inputs)``).
+
+    The output may be logits, a Hugging Face ``ModelOutput`` (its ``.logits``), a dict with ``"logits"`` or a
+    tuple with the logits first (:func:`model_logits`).  Sequences: ``loss="causal_lm"`` or
+    ``"token_cross_entropy"`` score each sequence by the norm of the gradient of its loss with respect to all
+    its token logits (see :func:`upper_bound_scores`).
     The model runs in eval mode (every submodule's mode is restored afterwards), in chunks of
     ``chunk_size`` examples (all at once if None). ``score``:
 
@@ -556,7 +663,7 @@ def model_scorer(model: torch.nn.Module, fetch: Callable[[torch.Tensor], tuple[t
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(fetch):
-        raise ValueError("fetch must be callable (indices -> (x, y))")
+        raise ValueError("fetch must be callable (indices -> (x, y) or a dict of model inputs with the targets)")
     _check_loss(loss)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -571,12 +678,12 @@ def model_scorer(model: torch.nn.Module, fetch: Callable[[torch.Tensor], tuple[t
         try:
             model.eval()
             for i in range(0, idx.numel(), step):
-                x, y = fetch(idx[i:i + step])
+                x, y = _split(fetch(idx[i:i + step]), label_key)
                 if score == "gradnorm":
                     s = _per_example_grad_norms(model, x, y, loss)
                 else:
                     with torch.no_grad():
-                        z = model(x).float()
+                        z = _call(model, x).float()
                     s = upper_bound_scores(z, y, loss) if score == "upper_bound" else \
                         per_example_loss(z, y, loss).detach()
                 out.append(s.detach().float().cpu())
