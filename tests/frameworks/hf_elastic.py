@@ -1,0 +1,36 @@
+"""sgdlab's transformers Trainer at another world size: a checkpoint of one number of processes resumed by another.
+
+Usage: [torchrun --nproc_per_node=P] hf_elastic.py OUT_DIR NAME STEPS [CHECKPOINT].  Trains to STEPS with global
+batch 4 (SRS, per-device batch 4 / P), saving checkpoint-8 in OUT_DIR/NAME (and stopping at step 8 when STEPS is
+8), or resumes from CHECKPOINT.  Each rank writes OUT_DIR/NAME-rank{r}.json (its dataset indices per step); rank 0
+writes OUT_DIR/NAME.pt (final weights).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _hf_tiny import N, run  # noqa: E402
+
+from sgdlab.sampling import SequencedReplacementSampler, rank_batch_size  # noqa: E402
+
+OUT, NAME, STEPS = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+RESUME = sys.argv[4] if len(sys.argv) > 4 else None
+GLOBAL = 4
+
+
+def factory(trainer):
+    return SequencedReplacementSampler(N, rank_batch_size(GLOBAL, trainer.args.world_size), seed=3)
+
+
+seen, _, params, trainer = run(OUT / NAME, factory, workers=0, max_steps=16, save_steps=8,
+                               stop_at=8 if STEPS == 8 else None, resume=RESUME,
+                               batch_size=rank_batch_size(GLOBAL, int(os.environ.get("WORLD_SIZE", "1"))))
+r = trainer.args.process_index
+(OUT / f"{NAME}-rank{r}.json").write_text(json.dumps([[i, s] for i, s in enumerate(seen)]))
+if r == 0:
+    torch.save(params, OUT / f"{NAME}.pt")
