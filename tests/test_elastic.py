@@ -189,7 +189,8 @@ def test_keyed_uniforms_match_the_splitmix64_reference_and_are_uniform():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
         return z ^ (z >> 31)
 
-    ref = [(splitmix(base + i * 0x9E3779B97F4A7C15) >> 11) * 2.0**-53 for i in idx.tolist()]
+    # the top 53 bits with the highest flipped (the arithmetic shift's signed value plus 1/2), over 2^53
+    ref = [((splitmix(base + i * 0x9E3779B97F4A7C15) >> 11) ^ (1 << 52)) * 2.0**-53 for i in idx.tolist()]
     assert got.tolist() == ref
     u = keyed.Keys(0, 5, torch.arange(200_000)).uniform(keyed.stream_id("t"), 2)
     se = (1 / 12 / u.shape[0]) ** 0.5  # standard error of the mean of U(0, 1)
@@ -321,7 +322,7 @@ def _trace(folder: Path) -> dict:
     return out
 
 
-def _losses(run: Path) -> dict:
+def _train_losses(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
@@ -357,7 +358,7 @@ def _elastic(tmp_path, resume_procs, **changes):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     one = _trace(tmp_path / "trace-one")
     _assert_same_run(_trace(tmp_path / "trace-two"), one, range(20))
-    la, lp = _losses(ref), _losses(part)
+    la, lp = _train_losses(ref), _train_losses(part)
     assert sorted(lp) == list(range(1, 21))
     for s in range(1, 21):
         assert lp[s] == pytest.approx(la[s], rel=1e-5), s
@@ -371,7 +372,7 @@ def _elastic(tmp_path, resume_procs, **changes):
         assert {s for _, s in got} == set(range(20, 40))
         assert {k for k, _ in got} == {k for k, _ in one}
         _assert_same_run(got, one, range(20, 40))
-        la, lb = _losses(ref), _losses(run)
+        la, lb = _train_losses(ref), _train_losses(run)
         assert sorted(lb) == list(range(1, 41))
         for s in range(1, 41):
             assert lb[s] == pytest.approx(la[s], rel=1e-5), s
@@ -433,7 +434,7 @@ def test_a_checkpoint_of_another_world_size_resumes_in_one_process(tmp_path):
     (part / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     summary = engine.resume(part, overrides=["duration=40 steps"], quiet=True)
     assert summary["steps"] == 40 and summary["world_size"] == 1
-    assert _losses(part) == _losses(full)
+    assert _train_losses(part) == _train_losses(full)
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(path, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -18,8 +18,8 @@ would.
 holds, in batch order).  Components that draw per example accept it directly (``cifar_augment(x,
 keys=keys)``) or read it from the active context (``with sgdlab.keyed.use(keys): model(x)``): the
 Shake-Shake layers of a model and :class:`~sgdlab.regularize.RandomGradient` do, each call taking the
-next stream id of its kind, so that the ``k``-th shake layer of a forward pass draws from stream
-``(shake, k)`` on every rank.  Outside a context they fall back to their generators, unchanged.
+next draw numbers of its kind's stream, so that the ``k``-th shake layer of a forward pass gets the same
+draws on every rank.  Outside a context they fall back to their generators, unchanged.
 
 Two copies of one example in the same batch (sequenced-replacement sampling can draw them) get the
 same draw: the key is the example, not its slot.
@@ -68,6 +68,8 @@ def stream_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+BLOCK = 32            # per-example columns hashed at once by next_uniform
+_STRIDE = 1 << 20     # draw numbers per example and stream: counter = index * _STRIDE + j
 _SH_MASK = {s: (1 << (64 - s)) - 1 for s in (11, 27, 30, 31, 40)}
 
 
@@ -83,13 +85,18 @@ def _mix_tensor(z: torch.Tensor) -> torch.Tensor:
     return z ^ _srl(z, 31)
 
 
+def _to_uniform(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The top 24 (float32) or 53 (float64) bits of the 64-bit ``z`` as a uniform in ``[0, 1)``: the
+    arithmetic shift gives them as a signed integer ``v`` in ``[-2^(k-1), 2^(k-1))``, and ``v 2^-k + 1/2``
+    is exact in that float type."""
+    bits = 53 if dtype == torch.float64 else 24
+    return (z >> (64 - bits)).to(dtype) * (2.0 ** -bits) + 0.5
+
+
 def uniform_from_keys(base: int, counters: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniforms in ``[0, 1)``, one per element of the int64 tensor ``counters``: SplitMix64 output of
     ``base + counter * gamma`` (float32: the top 24 bits; float64: the top 53)."""
-    z = _mix_tensor(counters * _signed(_GAMMA) + _signed(base))
-    if dtype == torch.float64:
-        return _srl(z, 11).to(torch.float64) * (2.0 ** -53)
-    return _srl(z, 40).to(torch.float32) * (2.0 ** -24)
+    return _to_uniform(_mix_tensor(counters * _signed(_GAMMA) + _signed(base)), dtype)
 
 
 class Keys:
@@ -100,8 +107,12 @@ class Keys:
       ``(seed, stream, step, index, j)``;
     - :meth:`batch_uniform` -- per-batch uniforms, shape ``(draws,)``: a function of
       ``(seed, stream, step, j)``, the same on every rank;
-    - :meth:`take` -- the next stream id of a kind within this batch (the ``k``-th shake layer of a
-      forward pass gets ``k``), for components inside a model that cannot be told their position.
+    - :meth:`next_uniform` / :meth:`next_batch_uniform` -- the same for components that draw several
+      times per batch and cannot be told their position (the shake layers of a model): the calls of one
+      ``kind`` consume consecutive draw numbers ``j`` of the stream ``kind``, so the ``k``-th shake layer of
+      a forward pass gets the same columns on every rank. Per-example draws are hashed
+      :data:`BLOCK` columns at a time and sliced per call, so a model with many shake layers pays for one
+      hash per step, not one per layer.
     """
 
     def __init__(self, seed: int, step: int, indices: Any):
@@ -115,7 +126,8 @@ class Keys:
         self.seed, self.step = seed, step
         self.indices = idx.long()
         self._on: dict[torch.device, torch.Tensor] = {}
-        self._taken: dict[int, int] = {}
+        self._taken: dict[tuple, int] = {}
+        self._blocks: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -130,11 +142,53 @@ class Keys:
             t = self._on[device] = self.indices.to(device)
         return t
 
-    def take(self, kind: int) -> int:
-        """The next stream id of ``kind`` in this batch: ``mix(kind, k)`` for the ``k``-th call (from 0)."""
-        k = self._taken.get(kind, 0)
-        self._taken[kind] = k + 1
-        return mix(kind, k)
+    def _advance(self, what: tuple, draws: int) -> int:
+        pos = self._taken.get(what, 0)
+        self._taken[what] = pos + draws
+        return pos
+
+    def next_uniform(self, kind: int, draws: int, *, device=None, dtype: torch.dtype = torch.float32,
+                     seed: int | None = None) -> torch.Tensor:
+        """The next ``draws`` per-example uniforms of stream ``kind`` in this batch, shape ``(n, draws)``.
+
+        Column ``j`` of the stream is ``uniform(kind, ...)``'s column ``j``; calls consume the columns in order.
+        """
+        pos = self._advance(("e", kind, seed), draws)
+        b, off = divmod(pos, BLOCK)
+        if off + draws <= BLOCK:  # the common case: inside one block already hashed, on the wanted device
+            block = self._blocks.get((kind, seed, b, dtype))
+            if block is not None and (device is None or block.device == device):
+                return block[:, off:off + draws]
+        cols = []
+        while draws:
+            b, off = divmod(pos, BLOCK)
+            key = (kind, seed, b, dtype)
+            block = self._blocks.get(key)
+            if block is None:
+                dev = self.indices.device if device is None else device
+                block = self._blocks[key] = self._block(kind, b, dev, dtype, seed)
+            elif device is not None and block.device != device:
+                block = self._blocks[key] = block.to(device)
+            take = min(draws, BLOCK - off)
+            cols.append(block[:, off:off + take])
+            pos, draws = pos + take, draws - take
+        return cols[0] if len(cols) == 1 else torch.cat(cols, 1)
+
+    def _block(self, kind, b, device, dtype, seed) -> torch.Tensor:
+        # the SplitMix64 states base + (index * _STRIDE + j) * gamma in two kernels: a row of the column terms
+        # base + j * gamma (j in this block), plus index * (_STRIDE * gamma)
+        base = mix(self.seed if seed is None else seed, kind, self.step)
+        cols = torch.tensor([_signed(base + j * _GAMMA) for j in range(b * BLOCK, (b + 1) * BLOCK)], device=device)
+        z = torch.add(cols, self._indices_on(device).unsqueeze(1), alpha=_signed(_STRIDE * _GAMMA))
+        return _to_uniform(_mix_tensor(z), dtype)
+
+    def next_batch_uniform(self, kind: int, draws: int, *, device=None, dtype: torch.dtype = torch.float32,
+                           seed: int | None = None) -> torch.Tensor:
+        """The next ``draws`` per-batch uniforms of stream ``kind`` in this batch, shape ``(draws,)``."""
+        pos = self._advance(("b", kind, seed), draws)
+        base = mix(self.seed if seed is None else seed, kind, self.step, 1)
+        counters = torch.arange(pos, pos + draws, device=self.indices.device if device is None else device)
+        return uniform_from_keys(base, counters, dtype)
 
     def uniform(self, stream: int, draws: int = 1, *, device=None, dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> torch.Tensor:
@@ -143,9 +197,11 @@ class Keys:
         Entry ``(i, j)`` depends only on ``(seed, stream, step, indices[i], j)``; ``seed`` defaults to the
         run seed (a component with a seed of its own, such as RandomGradient, passes it).
         """
+        if draws > _STRIDE:
+            raise ValueError(f"Keys.uniform: at most {_STRIDE} draws per example and stream, got {draws}")
         base = mix(self.seed if seed is None else seed, stream, self.step)
         idx = self._indices_on(self.indices.device if device is None else device)
-        counters = idx.unsqueeze(1) * draws + torch.arange(draws, device=idx.device)
+        counters = idx.unsqueeze(1) * _STRIDE + torch.arange(draws, device=idx.device)
         return uniform_from_keys(base, counters, dtype)
 
     def batch_uniform(self, stream: int, draws: int = 1, *, device=None, dtype: torch.dtype = torch.float32,

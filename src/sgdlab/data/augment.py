@@ -75,7 +75,7 @@ def random_crop(x: torch.Tensor, padding: int = 4, *, fill: torch.Tensor | float
     fill_t = fill_t.view(1, -1, 1, 1) if fill_t.numel() > 1 else fill_t.view(1, 1, 1, 1)
     padded = torch.nn.functional.pad(x - fill_t, (padding,) * 4) + fill_t
     if keys is not None:
-        off = (keys.uniform(_CROP, 2, device=x.device, dtype=torch.float64) * (2 * padding + 1)).long()
+        off = (keys.next_uniform(_CROP, 2, device=x.device, dtype=torch.float64) * (2 * padding + 1)).long()
         oy, ox = off[:, 0], off[:, 1]
     else:
         gen_device = generator.device if generator is not None else x.device
@@ -93,7 +93,7 @@ def random_flip(x: torch.Tensor, p: float = 0.5, *, generator: torch.Generator |
     keyed uniform of its dataset index, stream ``augment.flip``, is below ``p``)."""
     _check_source(generator, keys, x.shape[0], "random_flip")
     if keys is not None:
-        mask = keys.uniform(_FLIP, 1, device=x.device)[:, 0] < p
+        mask = keys.next_uniform(_FLIP, 1, device=x.device)[:, 0] < p
     else:
         gen_device = generator.device if generator is not None else x.device
         mask = torch.rand(x.shape[0], generator=generator, device=gen_device).to(x.device) < p

@@ -129,9 +129,9 @@ class RandomGradient:
                 raise ValueError(f"RandomGradient(per_sample=True) in a keyed context needs the per-example loss "
                                  f"vector (N,), got shape {tuple(shape)}")
             keys.check_rows(shape[0], "RandomGradient")
-            draws = iter(keys.uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).T.unbind(0))
+            draws = iter(keys.next_uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).T.unbind(0))
         else:
-            draws = iter(keys.batch_uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).unbind(0))
+            draws = iter(keys.next_batch_uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).unbind(0))
         if self.schedule == "triangular":
             if self.period_unit == "epochs":
                 if epoch is None:

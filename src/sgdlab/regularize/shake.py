@@ -16,10 +16,11 @@ whose value is ``a * x1 + (1 - a) * x2`` (up to rounding) and whose gradient is 
 DDP, double backward of the branches, any dtype and any device.
 
 Inside a keyed context (``with sgdlab.regularize.keyed(seed, step, indices): model(x)``, see
-:mod:`sgdlab.keyed`) the coefficients are keyed instead of streamed: the ``k``-th shake call of the
-batch draws example ``i``'s coefficients as a pure function of (seed, ``(shake, k)``, step,
-``indices[i]``) at ``level="image"``, and of (seed, ``(shake, k)``, step) at ``level="batch"``, so a
-data-parallel run draws the same coefficients for an example at any world size.
+:mod:`sgdlab.keyed`) the coefficients are keyed instead of streamed: the shake calls of a batch consume
+consecutive draws of the keyed stream ``shake``: example ``i``'s coefficients in the ``k``-th call are a
+pure function of (seed, ``shake``, step, ``indices[i]``, the draw numbers of call ``k``) at
+``level="image"``, and of (seed, ``shake``, step, draw numbers) at ``level="batch"``, so a data-parallel
+run draws the same coefficients for an example at any world size.
 """
 
 from __future__ import annotations
@@ -70,11 +71,10 @@ def _keyed_rand(shape, like: torch.Tensor, keys: _keyed.Keys, level: str) -> tor
     """The ``(count,) + shape`` uniforms of one shake call from the active keys (see the module docstring)."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     count = shape[0]
-    stream = keys.take(_SHAKE_STREAM)
     if level == "image":
         keys.check_rows(like.shape[0], "shake")
-        return keys.uniform(stream, count, device=like.device, dtype=dtype).T.reshape(shape)
-    return keys.batch_uniform(stream, count, device=like.device, dtype=dtype).reshape(shape)
+        return keys.next_uniform(_SHAKE_STREAM, count, device=like.device, dtype=dtype).T.reshape(shape)
+    return keys.next_batch_uniform(_SHAKE_STREAM, count, device=like.device, dtype=dtype).reshape(shape)
 
 
 def _rand(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
