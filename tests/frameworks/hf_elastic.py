@@ -23,11 +23,25 @@ RESUME = sys.argv[4] if len(sys.argv) > 4 else None
 GLOBAL = 4
 
 
+def bert_without_dropout():
+    """The tiny BERT without dropout: dropout masks come from torch's per-process generator, which does not
+    carry over to another world size (docs/engine.md, "Elastic runs")."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from _hf_tiny import SEQ, VOCAB
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=SEQ, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
 def factory(trainer):
     return SequencedReplacementSampler(N, rank_batch_size(GLOBAL, trainer.args.world_size), seed=3)
 
 
-seen, _, params, trainer = run(OUT / NAME, factory, workers=0, max_steps=16, save_steps=8,
+seen, _, params, trainer = run(OUT / NAME, factory, model=bert_without_dropout, workers=0, max_steps=16, save_steps=8,
                                stop_at=8 if STEPS == 8 else None, resume=RESUME,
                                batch_size=rank_batch_size(GLOBAL, int(os.environ.get("WORLD_SIZE", "1"))))
 r = trainer.args.process_index
