@@ -43,7 +43,14 @@ def factory(trainer):
 
 seen, _, params, trainer = run(OUT / NAME, factory, model=bert_without_dropout, workers=0, max_steps=16, save_steps=8,
                                stop_at=8 if STEPS == 8 else None, resume=RESUME,
-                               batch_size=rank_batch_size(GLOBAL, int(os.environ.get("WORLD_SIZE", "1"))))
+                               batch_size=rank_batch_size(GLOBAL, int(os.environ.get("WORLD_SIZE", "1"))),
+                               # Trainer's default multiplies the loss by the number of processes for models that
+                               # take loss keywords (it expects a sum over the global tokens); this BERT's loss is
+                               # a mean, so with gradient clipping the default would train differently per world size
+                               average_tokens_across_devices=False,
+                               # SGD: Adam divides by the root of tiny second moments, so gradients equal up to
+                               # the reduction order (1e-9) could give updates that differ by the learning rate
+                               optim="sgd")
 r = trainer.args.process_index
 (OUT / f"{NAME}-rank{r}.json").write_text(json.dumps([[i, s] for i, s in enumerate(seen)]))
 if r == 0:
