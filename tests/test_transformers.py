@@ -20,12 +20,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_tiny import B, N, SEQ, VOCAB, TokenData, bert, checkpoint, gpt2, run, same_params  # noqa: E402
+from _hf_tiny import SEQ, VOCAB, B, N, TokenData, bert, checkpoint, gpt2, run, same_params
 
-from sgdlab.sampling import (EpochSampler, ImportanceSampler, IndexBatch, LoaderPosition,  # noqa: E402
-                             OnlineBatchSelection, PrioritizedSampler, SequencedReplacementSampler, WithWeights,
-                             upper_bound_scores)
-from sgdlab.sampling.importance import model_scorer, per_example_loss  # noqa: E402
+from sgdlab.sampling import (
+    EpochSampler,
+    ImportanceSampler,
+    IndexBatch,
+    LoaderPosition,
+    OnlineBatchSelection,
+    PrioritizedSampler,
+    SequencedReplacementSampler,
+    WithWeights,
+    upper_bound_scores,
+)
+from sgdlab.sampling.importance import model_scorer, per_example_loss
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,7 +83,7 @@ def test_trainer_resume_after_the_first_epoch_is_exact(tmp_path, name, workers):
 @pytest.mark.parametrize("name", ["srs", "importance"])
 def test_trainer_resume_with_gradient_accumulation_on_a_causal_lm(tmp_path, name):
     # 2 micro-batches per step: checkpoint at step 12 = micro-batch 24, inside the second epoch
-    kw = dict(model=gpt2, lm=True, accumulation=2, max_steps=20, save_steps=4, stop=12)
+    kw = {"model": gpt2, "lm": True, "accumulation": 2, "max_steps": 20, "save_steps": 4, "stop": 12}
     _assert_exact(*_stop_and_resume(tmp_path, name, 2, **kw), 40)
 
 
@@ -312,8 +320,8 @@ def test_model_scorer_takes_dict_batches_and_model_outputs():
     model = bert().eval()
     data = TokenData()
     idx = torch.tensor([3, 7, 7, 0])
-    fetch_dict = lambda i: {"input_ids": data.ids[i], "labels": data.y[i]}  # noqa: E731
-    fetch_pair = lambda i: ({"input_ids": data.ids[i]}, data.y[i])          # noqa: E731
+    fetch_dict = lambda i: {"input_ids": data.ids[i], "labels": data.y[i]}
+    fetch_pair = lambda i: ({"input_ids": data.ids[i]}, data.y[i])
     logits = model(input_ids=data.ids[idx]).logits
     want = upper_bound_scores(logits, data.y[idx])
     for fetch in (fetch_dict, fetch_pair):

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _hf_tiny import N, checkpoint, run  # noqa: E402
+from _hf_tiny import N, checkpoint, run
 
-from sgdlab.sampling import SequencedReplacementSampler  # noqa: E402
+from sgdlab.sampling import SequencedReplacementSampler
 
 OUT = Path(sys.argv[1])
 

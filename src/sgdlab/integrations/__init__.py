@@ -5,6 +5,8 @@
 - :mod:`sgdlab.integrations.accelerate` -- ``prepare_loader``, a loader for Hugging Face Accelerate that
   keeps the sampler's own DDP slicing and resumes exactly through ``save_state``/``load_state``
   (``pip install 'sgdlab[accelerate]'``).
+- :mod:`sgdlab.integrations.transformers` -- ``Trainer``, Hugging Face's ``Trainer`` training with any sgdlab
+  sampler (blind or score-driven), resumed exactly from its own checkpoints (``pip install 'sgdlab[transformers]'``).
 
 Nothing else in sgdlab imports this package.  The recipes are in docs/frameworks.md.
 """

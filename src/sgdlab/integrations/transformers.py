@@ -58,7 +58,7 @@ from ..sampling.importance import LOSSES, model_logits, model_scorer, per_exampl
 from ..sampling.loading import WithWeights
 from .accelerate import ResumableLoader
 
-__all__ = ["Trainer", "POSITION_FILE", "WEIGHT_KEY", "INDEX_KEY"]
+__all__ = ["INDEX_KEY", "POSITION_FILE", "WEIGHT_KEY", "Trainer"]
 
 POSITION_FILE = "sgdlab_sampler.pt"  # the sampler's trained-on position inside checkpoint-N/
 WEIGHT_KEY = "sgdlab_weight"         # batch entry: the examples' sampling weights (float32, 1 when unweighted)

@@ -152,10 +152,16 @@ def _token_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _token_scores(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``||d loss_i / d Z_i||_F`` of :func:`_token_loss`: rows ``(softmax(z_t) - onehot(y_t)) / n_i``, 0 if not counted."""
     counted = y != IGNORE_INDEX
-    d = torch.softmax(z, dim=-1)
-    d.scatter_add_(-1, torch.where(counted, y, 0).unsqueeze(-1), -counted.unsqueeze(-1).to(d.dtype))
-    sq = torch.linalg.vector_norm(d, dim=-1).square() * counted
-    return sq.sum(1).sqrt() / counted.sum(1).clamp(min=1).to(d.dtype)
+    n, t, v = z.shape
+    flat, target, keep = z.reshape(n * t, v), torch.where(counted, y, 0).reshape(-1, 1), counted.reshape(-1, 1)
+    sq = z.new_empty(n * t)
+    rows = max(1, (1 << 18) // max(v, 1))  # blocks of about 1 MB: the softmax stays in cache, no logits-sized temp
+    for i in range(0, n * t, rows):
+        d = torch.softmax(flat[i:i + rows], dim=-1)
+        d.scatter_add_(-1, target[i:i + rows], -keep[i:i + rows].to(d.dtype))
+        sq[i:i + rows] = torch.linalg.vector_norm(d, dim=-1).square()
+    sq = sq.view(n, t) * counted
+    return sq.sum(1).sqrt() / counted.sum(1).clamp(min=1).to(z.dtype)
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, loss: LossArg) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from .base import Batch, check_group, rank_slice
 
-__all__ = ["IndexBatch", "WithWeights", "ScoredPasses"]
+__all__ = ["IndexBatch", "ScoredPasses", "WithWeights"]
 
 
 class IndexBatch(list):
