@@ -47,7 +47,7 @@ def gpt2():
 
 
 def run(out_dir, sampler, *, model=bert, lm=False, workers=0, max_steps=40, save_steps=8, stop_at=None,
-        resume=None, accumulation=1, batch_size=B):
+        resume=None, accumulation=1, batch_size=B, **training_args):
     """Train with sgdlab's Trainer; returns (indices per micro-batch, weights per micro-batch, final params)."""
     from transformers import TrainerCallback, TrainingArguments
 
@@ -70,7 +70,7 @@ def run(out_dir, sampler, *, model=bert, lm=False, workers=0, max_steps=40, save
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=max_steps,
                              save_steps=save_steps, learning_rate=0.05, report_to="none", logging_steps=1000,
                              dataloader_num_workers=workers, gradient_accumulation_steps=accumulation,
-                             use_cpu=True, seed=0, disable_tqdm=True, save_only_model=False)
+                             use_cpu=True, seed=0, disable_tqdm=True, save_only_model=False, **training_args)
     trainer = Recording(model=model(), args=args, train_dataset=TokenData(lm), sampler=sampler,
                         callbacks=[Stop()])
     trainer.train(resume_from_checkpoint=resume)

@@ -296,3 +296,54 @@ def test_sampler_sent_to_a_spawned_process_continues_exactly(tmp_path):
         sampler.next_batch(), ref.next_batch()
     mp.spawn(_continue_in_child, args=(sampler, ref.next_batch().indices.tolist(), str(tmp_path / "ok")), nprocs=1)
     assert json.loads((tmp_path / "ok").read_text()) is True
+
+
+@pytest.mark.slow
+def test_lightning_resumes_at_another_world_size(tmp_path):
+    """A checkpoint written by 2 Lightning DDP processes (global batch 8, 4 per rank) resumed by 1 and by 4
+    processes trains the global batches of an uninterrupted 1-process run, to the same weights (1e-5)."""
+    pytest.importorskip("lightning")
+
+    def fit(name, devices, steps, ckpt=None):
+        args = [sys.executable, str(HERE / "lightning_elastic.py"), str(tmp_path), name, str(devices), str(steps)]
+        proc = subprocess.run(args + ([str(ckpt)] if ckpt else []), env=_env(), capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(devices)]
+        return [s for s, _ in ranks[0]], [sum((r[i][1] for r in ranks), []) for i in range(len(ranks[0]))]
+
+    _check_elastic(tmp_path, fit, "part.ckpt")
+
+
+def _check_elastic(out: Path, fit, saved: str) -> None:
+    """12 steps in 1 process; 6 steps in 2 processes, saved; resumed in 1 and in 4 processes to step 12: the
+    same global batches at every step and the same final weights (1e-5: only the reduction order differs)."""
+    full_steps, full = fit("full", 1, 12)
+    assert full_steps == list(range(12))
+    part_steps, part = fit("part", 2, 6)
+    assert part_steps == list(range(6)) and part == full[:6]
+    for procs in (1, 4):
+        steps, rest = fit(f"resumed{procs}", procs, 12, out / saved)
+        assert steps == list(range(6, 12)) and rest == full[6:]
+        a = torch.load(out / "full.pt", weights_only=True)
+        b = torch.load(out / f"resumed{procs}.pt", weights_only=True)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_accelerate_resumes_at_another_world_size(tmp_path):
+    """``accelerator.save_state`` under 2 torchrun processes, ``load_state`` under 1 and under 4."""
+    pytest.importorskip("accelerate")
+
+    def fit(name, procs, steps, state=None):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+            if procs > 1 else [sys.executable]
+        args = [*launch, str(HERE / "accelerate_elastic.py"), str(tmp_path), name, str(steps)]
+        proc = subprocess.run(args + ([str(state)] if state else []), env=_env(), capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(procs)]
+        return [s for s, _ in ranks[0]], [sum((r[i][1] for r in ranks), []) for i in range(len(ranks[0]))]
+
+    _check_elastic(tmp_path, fit, "part-state")

@@ -254,14 +254,18 @@ def test_resume_may_extend_the_duration_and_change_logging(tmp_path, capsys):
     assert "optim.lr (0.05 -> 0.3)" in capsys.readouterr().err
 
 
-def test_world_size_mismatch_is_one_line(tmp_path, capsys):
+def test_another_world_size_resumes_with_one_note_and_a_bad_global_batch_is_one_line(tmp_path, capsys):
     d = _interrupted_run(tmp_path)
-    st = torch.load(d / "checkpoints/last.pt", weights_only=True)
-    st["world_size"] = 2
-    torch.save(st, d / "checkpoints/last.pt")
-    assert main(["resume", str(d), "--quiet"]) == 2
+    path = d / "checkpoints/last.pt"
+    good = torch.load(path, weights_only=True)
+    torch.save({**good, "global_batch": "8"}, path)
+    assert main(["resume", str(d), "--quiet"]) != 0
     err = capsys.readouterr().err
-    assert "trained with 2 process(es)" in err and err.count("\n") == 1
+    assert "global_batch must be a positive integer, got '8'" in err and err.count("\n") == 1
+    torch.save({**good, "world_size": 2}, path)  # as if written by 2 processes: resumes on this one
+    assert main(["resume", str(d)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "process(es) on 1" in line]
+    assert len(notes) == 1 and "not carried over: dropout" in notes[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -339,3 +339,32 @@ def test_model_scorer_takes_dict_batches_and_model_outputs():
         model_scorer(model, lambda i: {"input_ids": data.ids[i]})(idx)
     with pytest.raises(ValueError, match="token ids in"):
         upper_bound_scores(torch.zeros(2, 3, 5), torch.full((2, 3), 7), "token_cross_entropy")
+
+
+@pytest.mark.slow
+def test_trainer_resumes_at_another_world_size(tmp_path):
+    """checkpoint-8 of 2 torchrun processes (global batch 4, 2 per device) resumed by 1 and by 4 processes: the
+    global batches of an uninterrupted 1-process run, and its final weights within 1e-5 (reduction order)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    def fit(name, procs, steps, ckpt=None):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+            if procs > 1 else [sys.executable]
+        cmd = [*launch, str(HERE / "frameworks" / "hf_elastic.py"), str(tmp_path), name, str(steps)]
+        proc = subprocess.run(cmd + ([str(ckpt)] if ckpt else []), env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(procs)]
+        return [sum((r[i][1] for r in ranks), []) for i in range(len(ranks[0]))]
+
+    full = fit("full", 1, 16)
+    assert len(full) == 16
+    assert fit("part", 2, 8) == full[:8]
+    for procs in (1, 4):
+        assert fit(f"resumed{procs}", procs, 16, checkpoint(tmp_path / "part", 8)) == full[8:]
+        a = torch.load(tmp_path / "full.pt", weights_only=True)
+        b = torch.load(tmp_path / f"resumed{procs}.pt", weights_only=True)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)

@@ -10,6 +10,11 @@ used a deterministic triangular (cyclical) factor instead of a random one; a con
 The factor scales the data loss only. Weight decay must stay in the optimizer (e.g.
 ``torch.optim.SGD(weight_decay=...)``): adding an L2 term to the loss before this transform would
 scale the regularizer too.
+
+Inside a keyed context (:mod:`sgdlab.keyed`, ``with sgdlab.regularize.keyed(seed, step, indices)``)
+the draws are keyed instead of streamed: a per-sample factor is a pure function of (the transform's
+seed, step, example index), a per-batch factor of (seed, step), so a data-parallel run draws the same
+factors at any world size; the generator is not used there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 
 import torch
 
+from .. import keyed as _keyed
 from ..seeding import check_seed, torch_seed
 from ._rng import uniform
 from .base import register_loss_transform
@@ -26,6 +32,7 @@ __all__ = ["RandomGradient", "triangular_factor"]
 
 SCHEDULES = (None, "triangular")
 PERIOD_UNITS = ("steps", "epochs")
+_RG_STREAM = _keyed.stream_id("random_gradient")
 
 
 def triangular_factor(t: float, period: float, low: float, high: float) -> float:
@@ -57,7 +64,8 @@ class RandomGradient:
         period: full cycle length of the triangular schedule, in ``period_unit``.
         period_unit: ``"steps"`` (uses ``step=`` when given, else the number of previous calls)
             or ``"epochs"`` (needs ``epoch=`` on every call).
-        seed: seed of the transform's own ``torch.Generator`` (a fixed stream); ``None`` draws one from
+        seed: seed of the transform's own ``torch.Generator`` (a fixed stream; in a keyed context the key of
+            its draws); ``None`` draws one from
             torch's global generator, so two transforms get independent streams and a script seeded with
             ``torch.manual_seed`` is still reproducible. The seed in use is :attr:`seed`.
 
@@ -111,8 +119,20 @@ class RandomGradient:
         # One draw per call (rows: the factor, then the keep test), so a compiled graph cannot reorder them.
         random = self.schedule is None and self.low != self.high
         count = int(random) + int(self.p < 1.0)
-        draws = iter(uniform((count,) + tuple(shape), self.generator, like=like,
-                             dtype=torch.float64).unbind(0)) if count else iter(())
+        keys = _keyed.current()
+        if not count:
+            draws = iter(())
+        elif keys is None:
+            draws = iter(uniform((count,) + tuple(shape), self.generator, like=like,
+                                 dtype=torch.float64).unbind(0))
+        elif self.per_sample:
+            if len(shape) != 1:
+                raise ValueError(f"RandomGradient(per_sample=True) in a keyed context needs the per-example loss "
+                                 f"vector (N,), got shape {tuple(shape)}")
+            keys.check_rows(shape[0], "RandomGradient")
+            draws = iter(keys.next_uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).T.unbind(0))
+        else:
+            draws = iter(keys.next_batch_uniform(_RG_STREAM, count, dtype=torch.float64, seed=self.seed).unbind(0))
         if self.schedule == "triangular":
             if self.period_unit == "epochs":
                 if epoch is None:

@@ -14,6 +14,13 @@ The op is written without a custom autograd function, as the exact identity::
 whose value is ``a * x1 + (1 - a) * x2`` (up to rounding) and whose gradient is exactly
 ``b * g`` / ``(1 - b) * g``. It therefore works unchanged under ``torch.compile``, autocast,
 DDP, double backward of the branches, any dtype and any device.
+
+Inside a keyed context (``with sgdlab.regularize.keyed(seed, step, indices): model(x)``, see
+:mod:`sgdlab.keyed`) the coefficients are keyed instead of streamed: the shake calls of a batch consume
+consecutive draws of the keyed stream ``shake``: example ``i``'s coefficients in the ``k``-th call are a
+pure function of (seed, ``shake``, step, ``indices[i]``, the draw numbers of call ``k``) at
+``level="image"``, and of (seed, ``shake``, step, draw numbers) at ``level="batch"``, so a data-parallel
+run draws the same coefficients for an example at any world size.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .. import keyed as _keyed
 from ._rng import uniform
 
 __all__ = ["shake", "Shake", "draw_coefficients", "FORWARD_MODES", "BACKWARD_MODES", "LEVELS", "RULES"]
@@ -32,6 +40,7 @@ FORWARD_MODES = ("shake", "even")
 BACKWARD_MODES = ("shake", "even", "keep")
 LEVELS = ("image", "batch")
 RULES = ("M1", "M2", "M3", "M4", "M5")
+_SHAKE_STREAM = _keyed.stream_id("shake")
 
 
 def _check_range(alpha_range) -> tuple[float, float]:
@@ -58,6 +67,16 @@ def _check_settings(forward: str, backward: str, level: str, rule: str | None, a
     return _check_range(alpha_range)
 
 
+def _keyed_rand(shape, like: torch.Tensor, keys: _keyed.Keys, level: str) -> torch.Tensor:
+    """The ``(count,) + shape`` uniforms of one shake call from the active keys (see the module docstring)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    count = shape[0]
+    if level == "image":
+        keys.check_rows(like.shape[0], "shake")
+        return keys.next_uniform(_SHAKE_STREAM, count, device=like.device, dtype=dtype).T.reshape(shape)
+    return keys.next_batch_uniform(_SHAKE_STREAM, count, device=like.device, dtype=dtype).reshape(shape)
+
+
 def _rand(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # Draw in float32 (float64 for float64 inputs) on the input's device, then cast to its dtype:
     # identical to drawing in the input's dtype for float32/float64, and avoids the coarse grid of
@@ -79,7 +98,9 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
     Returns float tensors of shape ``(N, 1, ..., 1)`` (``level="image"``, one per example) or
     ``(1, ..., 1)`` (``level="batch"``), on ``like``'s device, in float32 (float64 for float64
     inputs). ``a ~ U(lo, hi)`` or 0.5; ``b`` from ``backward`` or, when ``rule`` is given, from the
-    Table 4 rule with ``u ~ U(0, 1)`` (Gastaldi 2017, section 4):
+    Table 4 rule with ``u ~ U(0, 1)`` (Gastaldi 2017, section 4). Inside a keyed context
+    (:mod:`sgdlab.keyed`) the uniforms are keyed by the batch's example indices and ``generator`` is not
+    used:
 
     - M1: ``1 - a``
     - M2: ``u * a`` if ``a < 0.5`` else ``u * (1 - a) + a``
@@ -98,7 +119,13 @@ def draw_coefficients(like: torch.Tensor, *, forward: str = "shake", backward: s
     # cannot reorder them against each other.
     second = (rule is None and backward == "shake") or rule not in (None, "M1")
     count = int(forward == "shake") + int(second)
-    draws = iter(_rand((count,) + shape, like, generator).unbind(0)) if count else iter(())
+    keys = _keyed.current()
+    if not count:
+        draws = iter(())
+    elif keys is not None:
+        draws = iter(_keyed_rand((count,) + shape, like, keys, level).unbind(0))
+    else:
+        draws = iter(_rand((count,) + shape, like, generator).unbind(0))
     if forward == "shake":
         a = next(draws)
         if lo != 0.0 or hi != 1.0:

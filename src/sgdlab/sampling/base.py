@@ -33,6 +33,7 @@ __all__ = [
     "group_initialized",
     "check_group",
     "rank_slice",
+    "rank_batch_size",
     "register",
     "create",
     "names",
@@ -250,6 +251,23 @@ def rank_slice(global_indices: torch.Tensor, rank: int, world_size: int) -> torc
     """This rank's contiguous share of a global batch of ``world_size * b`` indices."""
     b = global_indices.numel() // world_size
     return global_indices[rank * b:(rank + 1) * b]
+
+
+def rank_batch_size(global_batch: int, world_size: int) -> int:
+    """The per-rank ``batch_size`` that keeps ``global_batch`` on ``world_size`` ranks (elastic resume).
+
+    Every sampler's state is global (it holds the global batch, never a rank), so a state written at one
+    world size loads at any other whose per-rank batch ``global_batch / world_size`` is whole and continues
+    the same sequence of global batches. Raises a one-line ValueError when ``world_size`` does not divide
+    ``global_batch``.
+    """
+    check_sizes(1, global_batch)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if global_batch % world_size:
+        raise ValueError(f"the global batch of {global_batch} examples cannot be split over {world_size} "
+                         f"processes (not divisible); use a number of processes that divides {global_batch}")
+    return global_batch // world_size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,6 +252,7 @@ class Config(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
+    sync_bn: bool = False
     name: str | None = None
     notes: str | None = None
     imports: list[str] = Field(default_factory=list)

@@ -12,7 +12,11 @@ resumed run ends bit-identically where an uninterrupted one does (on CPU).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on GPU); every rank draws the same global batch and keeps its slice; rank 0
-evaluates and writes metrics and checkpoints.
+evaluates and writes metrics and checkpoints. The per-example draws (augmentation, Shake-Shake
+coefficients, Random Gradient factors) are keyed by (seed, step, example index) through
+:mod:`sgdlab.keyed`, so a run is the same stochastic process at any world size, and a checkpoint
+written by W processes resumes on any number that divides its global batch (docs/engine.md,
+"Elastic runs").
 
 Layout: the building blocks (dataset, model, optimizer, loss, evaluation) are in
 :mod:`sgdlab.train.build`, RNG state and atomic files in :mod:`sgdlab.train.state`, metric rows and
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from .. import regularize, sampling
+from .. import keyed, regularize, sampling
 from ..data import cifar_augment
 from ..errors import ConfigError, NonFiniteLossError, SgdlabError
 from ..schedules import Schedule
@@ -46,7 +50,7 @@ from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntr
                     build_dataset, build_model, build_optimizer, evaluate, first_line, load_model_state,
                     load_weights, per_example_loss, resolve_device, step_error)
 from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift, resume_imports
-from .distributed import Dist, setup_distributed
+from .distributed import Dist, convert_sync_batchnorm, setup_distributed
 from .metrics import MetricsLog, progress_bar, read_rows
 from .state import CHECKPOINT, atomic_torch_save, atomic_write_text, rank_seed, rng_state, set_rng_state
 
@@ -236,14 +240,18 @@ class _Run:
             while not self._done():
                 self._set_lr()
                 batch = self._next_batch()
-                x, y = self._inputs(batch)
+                keys = keyed.Keys(self.cfg.seed, self.step, batch.indices)  # per-example draws, any world size
+                x, y = self._inputs(batch, keys)
                 try:
                     if self.selectors:  # Composer-style selective backprop: train on the kept examples only
-                        batch, x, y = self._select(batch, x, y)
-                    with self._autocast():
-                        logits = model(x)
-                    losses = per_example_loss(loss_name, logits.float(), y, smoothing)
-                    loss = self._batch_loss(losses, batch.weights)
+                        with keyed.use(keys):
+                            batch, x, y = self._select(batch, x, y)
+                        keys = keyed.Keys(self.cfg.seed, self.step, batch.indices)
+                    with keyed.use(keys):
+                        with self._autocast():
+                            logits = model(x)
+                        losses = per_example_loss(loss_name, logits.float(), y, smoothing)
+                        loss = self._batch_loss(losses, batch.weights)
                     opt.zero_grad(set_to_none=True)
                     self._backward_and_step(loss)
                 except (RuntimeError, ValueError, IndexError, TypeError) as e:
@@ -284,14 +292,15 @@ class _Run:
             # a score-driven sampler scores with the model: a diverged model shows up here first
             self._stop_nonfinite(float("nan"))
 
-    def _inputs(self, batch: sampling.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's examples: gathered where the data lives, augmented there, moved to the device."""
+    def _inputs(self, batch: sampling.Batch, keys: keyed.Keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's examples: gathered where the data lives, augmented there (crops and flips keyed by
+        the examples' indices), moved to the device."""
         idx = batch.indices
         if idx.device != self._data_device:
             idx = idx.to(self._data_device)
         x, y = self.ds.train_x[idx], self.ds.train_y[idx]
         if self.fill is not None:  # augmentation runs where the data lives
-            x = cifar_augment(x, fill=self.fill, generator=self.aug_gen)
+            x = cifar_augment(x, fill=self.fill, keys=keys)
         if self._move_batch:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.cfg.fast.channels_last:
@@ -486,15 +495,14 @@ class _Run:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     def _build_data(self):
-        """The dataset (on the device with ``data.on_device``), the augmentation generator and fill value;
-        returns the dataset as built (on the CPU)."""
+        """The dataset (on the device with ``data.on_device``) and the augmentation's fill value; returns the
+        dataset as built (on the CPU)."""
         cfg = self.cfg
         ds = build_dataset(cfg)
         self.ds = ds.to(self.device) if cfg.data.on_device else ds
         self.num_train = len(ds.train_y)
         self._data_device = self.ds.train_x.device
         self._move_batch = self._data_device != self.device
-        self.aug_gen = torch.Generator(device=self._data_device).manual_seed(torch_seed(cfg.seed + 1))
         fill = None
         if cfg.data.augment:
             if ds.train_x.dim() != 4:
@@ -506,7 +514,8 @@ class _Run:
         return ds
 
     def _build_model(self, ds, threads: int | None) -> None:
-        """Model, thread count, fine-tuning weights, per-rank streams, optimizer, DDP/compile, AMP."""
+        """Model, thread count, fine-tuning weights, per-rank torch streams, SyncBatchNorm, optimizer,
+        DDP/compile, AMP."""
         cfg, dist = self.cfg, self.dist
         model = build_model(cfg, ds.num_classes, ds.input_shape)
         wanted = threads if threads is not None else cfg.threads
@@ -516,11 +525,13 @@ class _Run:
             loaded, skipped = load_weights(model, cfg.checkpoint.init_from)
             self._say(f"initialised {loaded} tensors from {cfg.checkpoint.init_from} ({skipped} kept fresh)")
         if dist.enabled and dist.rank > 0:
-            # Every rank built the same model from the same seed; from here on each rank needs its own
-            # stream, or dropout masks, shake coefficients and crops would repeat across the ranks'
-            # slices of the global batch. Rank 0 keeps the single-process stream.
+            # Every rank built the same model from the same seed. sgdlab's own per-example draws are keyed
+            # by example (sgdlab.keyed), but what draws from torch's global generator (dropout) needs a
+            # stream per rank, or its masks would repeat across the ranks' slices. Rank 0 keeps the
+            # single-process stream.
             torch.manual_seed(rank_seed(cfg.seed, dist.rank))
-            self.aug_gen.manual_seed(rank_seed(cfg.seed + 1, dist.rank))
+        if cfg.sync_bn and dist.enabled:  # BatchNorm statistics of the global batch, at any world size
+            model = convert_sync_batchnorm(model, self.device)
         model.to(self.device)
         if cfg.fast.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -544,8 +555,15 @@ class _Run:
                            else cfg.loss.name)
         self.cost_ratio = self._cost_ratio()
         d = cfg.duration
+        self.global_batch = self._global_batch()
+        try:
+            batch_size = sampling.rank_batch_size(self.global_batch, dist.world_size)
+        except ValueError:
+            raise ConfigError(f"{self.run_dir} trains a global batch of {self.global_batch} examples, which "
+                              f"{dist.world_size} processes cannot share equally; resume it on a number of "
+                              f"processes that divides {self.global_batch}") from None
         ctx = sampling.SourceContext(
-            num_samples=self.num_train, batch_size=cfg.sampler.batch_size, seed=cfg.seed,
+            num_samples=self.num_train, batch_size=batch_size, seed=cfg.seed,
             rank=dist.rank if dist.enabled else None, world_size=dist.world_size if dist.enabled else None,
             model=self.model, train_x=self.ds.train_x, train_y=self.ds.train_y, device=self.device,
             loss=self.score_loss, extra={"cost_ratio": self.cost_ratio, "cache": self._cached,
@@ -606,6 +624,18 @@ class _Run:
     def fwd_used(self) -> float:
         """Forward-equivalents spent so far (:mod:`sgdlab.train.budget`)."""
         return self.budget.used((self.source,), self.transforms)
+
+    def _global_batch(self) -> int:
+        """The examples per step over all processes: the checkpoint's on a resume (written at any world
+        size), else ``sampler.batch_size`` per process times the number of processes."""
+        st = self.ckpt
+        if st is None:
+            return self.cfg.sampler.batch_size * self.dist.world_size
+        saved = st.get("global_batch", int(st.get("world_size", 1)) * self.cfg.sampler.batch_size)
+        if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1:
+            raise guard.CheckpointError(f"{self.run_dir / CHECKPOINT}: global_batch must be a positive integer, "
+                                        f"got {saved!r}")
+        return saved
 
     def _build_schedule(self) -> None:
         """Steps per epoch, the run's length in steps (None for a time budget), the lr schedule."""
@@ -681,8 +711,9 @@ class _Run:
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "source": self.source.state_dict(),
             "transforms": [t.state_dict() for t in self.transforms],
-            "rng": rng if rng is not None else rng_state(self.aug_gen),
-            "world_size": self.dist.world_size, "threads": torch.get_num_threads(),
+            "rng": rng if rng is not None else rng_state(),
+            "world_size": self.dist.world_size, "global_batch": self.global_batch,
+            "threads": torch.get_num_threads(),
             "acc_loss": self.acc_loss.detach().cpu(), "acc_n": self.acc_n, "budget": self.budget.state_dict(),
             "config": config_to_dict(self.cfg), "format": "sgdlab-run-checkpoint",
         }
@@ -692,9 +723,7 @@ class _Run:
 
     def _restore(self, st: dict) -> None:
         saved_world = st.get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            raise ConfigError(f"{self.run_dir} was trained with {saved_world} process(es); resume it with the "
-                              f"same number, not {self.dist.world_size}")
+        same_world = saved_world == self.dist.world_size
         path = self.run_dir / CHECKPOINT
         load_model_state(self.model, st["model"], path)
         try:
@@ -706,8 +735,10 @@ class _Run:
             for t, s in zip(self.transforms, st["transforms"]):
                 t.load_state_dict(s)
             ranks = st.get("rng_ranks")
-            set_rng_state(ranks[self.dist.rank] if ranks else st["rng"], self.aug_gen)
+            set_rng_state(ranks[self.dist.rank] if ranks and same_world else st["rng"], cuda=same_world)
             self.step, self.elapsed, self.best = int(st["step"]), float(st["elapsed"]), dict(st["best"])
+            if not same_world and self.dist.rank > 0:  # torch's generator per rank cannot be carried over
+                torch.manual_seed(rank_seed(keyed.mix(self.cfg.seed, self.step), self.dist.rank))
             if self.step < 0 or self.step != st["step"] or not self.elapsed >= 0:
                 raise ValueError(f"step {st['step']!r} and elapsed {st['elapsed']!r} must be non-negative")
             self.acc_loss = st.get("acc_loss", torch.zeros(())).to(self.device)
@@ -718,6 +749,12 @@ class _Run:
             raise guard.CheckpointError(f"{path}: does not fit this run's optimizer, sampler or loss "
                                         f"transforms ({type(e).__name__}: {first_line(e)})") from None
         self._say(f"resumed at step {self.step}")
+        if not same_world:
+            self._say(f"note: resuming a run of {saved_world} process(es) on {self.dist.world_size}, global batch "
+                      f"{self.global_batch} ({self.global_batch // self.dist.world_size} per process): the batches, "
+                      "augmentation, Shake-Shake and Random Gradient draws continue exactly; not carried over: "
+                      "dropout and other draws from torch's generator (fresh per-process streams), BatchNorm "
+                      "batch statistics (per process unless sync_bn) and the float reduction order")
         threads = st.get("threads")
         if threads is not None and threads != torch.get_num_threads():
             self._say(f"note: this run was trained on {threads} torch thread(s) and resumes on "
@@ -769,9 +806,9 @@ class _Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _save(self) -> None:
-        rng = rng_state(self.aug_gen)
+        rng = rng_state()
         rng_ranks = None
-        if self.dist.enabled:  # every rank's random streams, so a resumed run continues each of them
+        if self.dist.enabled:  # every rank's torch stream (dropout), so a resume at this world size continues each
             rng_ranks = [None] * self.dist.world_size
             torch.distributed.all_gather_object(rng_ranks, rng)
         if self.dist.main:

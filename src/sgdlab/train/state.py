@@ -1,8 +1,8 @@
 """What a checkpoint holds besides the model and optimizer: every random stream, written atomically.
 
 A resumed run ends bit-identically where an uninterrupted one does (on CPU) because the checkpoint
-holds the global torch, numpy and Python RNGs, the augmentation generator and (under DDP) every rank's
-streams, and because files are replaced atomically (write, fsync, rename), so a kill never leaves a
+holds the global torch, numpy and Python RNGs and (under DDP) every rank's streams -- sgdlab's own
+per-example draws are keyed (:mod:`sgdlab.keyed`) and need no state -- and because files are replaced atomically (write, fsync, rename), so a kill never leaves a
 half-written checkpoint.
 """
 
@@ -23,9 +23,9 @@ __all__ = ["CHECKPOINT", "rng_state", "set_rng_state", "rank_seed", "atomic_torc
 CHECKPOINT = "checkpoints/last.pt"
 
 
-def rng_state(aug_gen: torch.Generator) -> dict:
-    """The global torch, numpy and Python RNG states, ``aug_gen``'s, and CUDA's when in use (tensors and
-    plain containers only, so the checkpoint loads with ``weights_only=True``)."""
+def rng_state(aug_gen: torch.Generator | None = None) -> dict:
+    """The global torch, numpy and Python RNG states, ``aug_gen``'s if given, and CUDA's when in use (tensors
+    and plain containers only, so the checkpoint loads with ``weights_only=True``)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -33,22 +33,25 @@ def rng_state(aug_gen: torch.Generator) -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-        "augment": aug_gen.get_state(),
     }
+    if aug_gen is not None:
+        state["augment"] = aug_gen.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
-    """Restore the streams :func:`rng_state` recorded."""
+def set_rng_state(state: dict, aug_gen: torch.Generator | None = None, *, cuda: bool = True) -> None:
+    """Restore the streams :func:`rng_state` recorded (``aug_gen``'s if given; CUDA's unless ``cuda=False``,
+    e.g. on a resume at another world size, whose machines may hold another number of GPUs)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    aug_gen.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
+    if aug_gen is not None and "augment" in state:
+        aug_gen.set_state(state["augment"])
+    if cuda and "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
