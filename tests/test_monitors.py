@@ -218,3 +218,85 @@ def test_mlflow_store_reads_back_with_mlflows_client(tmp_path):
     hist = client.get_metric_history(log.run_id, "sharpness")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(10, 15.0), (20, 30.0)]
     assert "norms_grad/_root_" in run.data.metrics and "bad" not in run.data.metrics
+
+
+def test_lightning_callback_logs_the_monitors(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from sgdlab.integrations.lightning import MonitorCallback
+
+    x, y = _eos_data(n=64, d=8, k=3)
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(d=8, h=16, k=3)
+
+        def forward(self, inp):
+            return self.net(inp)
+
+        def training_step(self, batch, i):
+            return F.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+
+    class Logger(pl.loggers.logger.Logger):
+        name, version = "mem", 0
+
+        @property
+        def experiment(self):
+            return None
+
+        def log_hyperparams(self, *a, **k):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            seen.append((step, dict(metrics)))
+
+    cb = MonitorCallback([Sharpness(every=3, probe=(x, y), max_iter=60, tol=1e-10), Norms(every=3)], F.mse_loss)
+    model = M()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, callbacks=[cb], logger=Logger(), enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer.fit(model, loader)
+    steps = [s for s, m in seen if "sharpness" in m]
+    assert steps == [3, 6] and [s for s, _ in cb.history] == [3, 6]
+    ref = float(hessian_eigenvalues(model, F.mse_loss, (x, y), k=1, tol=1e-10, max_iter=200)[0])
+    assert cb.last["sharpness"] == pytest.approx(ref, rel=1e-6)
+    assert cb.last["norms_update_ratio"] > 0 and cb.last["sharpness_2_over_lr"] == pytest.approx(20.0)
+
+
+def test_transformers_callback_logs_through_the_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from sgdlab.integrations.monitors_hf import MonitorCallback
+
+    x, y = _eos_data(n=32, d=8, k=3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(d=8, h=16, k=3)
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": F.mse_loss(out, labels), "logits": out} if labels is not None else out
+
+    rows = [{"x": x[i], "labels": y[i]} for i in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                                          learning_rate=0.1, lr_scheduler_type="constant", optim="sgd",
+                                          report_to=[], logging_steps=100, use_cpu=True, save_strategy="no")
+    model = Net()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    with pytest.raises(ValueError, match="probe"):
+        MonitorCallback([Sharpness(every=2)], F.mse_loss)
+    cb = MonitorCallback([Sharpness(every=2, max_iter=60, tol=1e-10), Norms(every=2)], F.mse_loss,
+                         probe=(x, y)).attach(trainer)
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "sharpness" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    ref = float(hessian_eigenvalues(model, F.mse_loss, (x, y), k=1, tol=1e-10, max_iter=200)[0])
+    assert logged[-1]["sharpness"] == pytest.approx(ref, rel=1e-6)
+    assert logged[-1]["sharpness_2_over_lr"] == pytest.approx(20.0)
+    assert "norms_update_ratio" in logged[-1]

@@ -32,7 +32,8 @@ class Norms(Monitor):
     """Gradient norm, weight norm and update-to-weight ratio of every block, and of the whole model.
 
     Gradients are read from ``p.grad`` as the optimizer step left them (the gradient of the step just
-    taken: after unscaling and clipping, before weight decay). The update is the change of the weights
+    taken: after unscaling and clipping, before weight decay); a loop that has already cleared them
+(``zero_grad(set_to_none=True)``) gets no gradient norms. The update is the change of the weights
     across the step, for which the weights are copied by :meth:`before_step` one step before a check
     (a loop that does not call it gets no ratio). Logs ``norms_grad``, ``norms_weight`` and
     ``norms_update_ratio`` for the whole model and ``norms_grad/<block>``, ``norms_weight/<block>``,
@@ -65,11 +66,15 @@ class Norms(Monitor):
         params = dict(model.named_parameters())
         before = self._before if self._before_step == step - 1 else None
         out: dict[str, float] = {}
+        # a loop that clears the gradients before the check (transformers' Trainer): no gradient norms
+        has_grads = any(p.grad is not None for p in params.values())
         for label, names in self._groups(model).items():
             suffix = f"/{label}" if label else ""
             ws = [params[n] for n in names]
             w_norm = _norm(ws)
-            out[self.key("grad") + suffix] = _norm([p.grad for p in ws if p.grad is not None])
+            grads = [p.grad for p in ws if p.grad is not None]
+            if has_grads:
+                out[self.key("grad") + suffix] = _norm(grads)
             out[self.key("weight") + suffix] = w_norm
             if before is not None:
                 upd = _norm([params[n].detach() - before[n] for n in names])
