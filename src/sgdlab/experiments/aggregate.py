@@ -222,7 +222,7 @@ def read_metrics(run_dir) -> list[dict]:
     Read as ``sgdlab resume`` reads them: a last line without its newline (a run killed while writing it)
     is dropped; any other bad line raises :class:`ConfigError` ``path:line: reason``.
     """
-    from ..train.engine import _read_rows
+    from ..train.metrics import read_rows as _read_rows
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -15,9 +15,9 @@ import torch
 from .. import models, regularize, sampling
 from ..errors import SgdlabError
 from ..schedules import Schedule
+from .build import (build_dataset, build_model, build_optimizer, load_weights, per_example_loss, resolve_device,
+                    step_error)
 from .config import load_config
-from .engine import (_load_weights, build_dataset, build_model, build_optimizer, per_example_loss, resolve_device,
-                     step_error)
 
 __all__ = ["check_config"]
 
@@ -62,7 +62,7 @@ def check_config(path, overrides: list[str] | None = None, *, step: bool = True)
             lines.append(f"warning: model {cfg.model.name} expects inputs {expected}, data has {shape}")
         lines.append(f"model: {cfg.model.name}, {params / 1e6:.2f}M parameters")
         if cfg.checkpoint.init_from and step:  # a meta-device model has no storage to load into
-            loaded, kept = _load_weights(model, cfg.checkpoint.init_from)
+            loaded, kept = load_weights(model, cfg.checkpoint.init_from)
             lines.append(f"init_from: {loaded} tensors from {cfg.checkpoint.init_from} ({kept} kept fresh)")
         if ds is not None:
             train_x, train_y = ds.train_x, ds.train_y
