@@ -196,8 +196,8 @@ def test_norms_update_ratio_is_lr_times_grad_over_weight_for_plain_sgd():
         ps = dict(model.named_parameters())
         gn = math.sqrt(sum(float(ps[n].grad.pow(2).sum()) for n in names_))
         wn = math.sqrt(sum(float(w0[n].pow(2).sum()) for n in names_))
-        assert out[f"norms_grad/{label}"] == pytest.approx(gn, rel=1e-6)
-        assert out[f"norms_update_ratio/{label}"] == pytest.approx(0.1 * gn / wn, rel=1e-5)
+        assert out[f"norms/{label}/grad"] == pytest.approx(gn, rel=1e-6)
+        assert out[f"norms/{label}/update_ratio"] == pytest.approx(0.1 * gn / wn, rel=1e-5)
     assert out["norms_weight"] == pytest.approx(
         math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters())), rel=1e-6)
 
@@ -210,14 +210,14 @@ def test_mlflow_store_reads_back_with_mlflows_client(tmp_path):
 
     log = MlflowLogger(tmp_path / "mlruns", experiment="exp", run_name="r", params={"optim": {"lr": 0.5}})
     for step in (10, 20):
-        log.log({"sharpness": 1.5 * step, "norms_grad/(root)": 2.0, "bad": float("nan"), "label": "x"}, step)
+        log.log({"sharpness": 1.5 * step, "norms/(root)/grad": 2.0, "bad": float("nan"), "label": "x"}, step)
     log.close()
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     run = client.get_run(log.run_id)
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.5"
     hist = client.get_metric_history(log.run_id, "sharpness")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(10, 15.0), (20, 30.0)]
-    assert "norms_grad/_root_" in run.data.metrics and "bad" not in run.data.metrics
+    assert "norms/_root_/grad" in run.data.metrics and "bad" not in run.data.metrics
 
 
 def test_lightning_callback_logs_the_monitors(tmp_path):
@@ -300,3 +300,91 @@ def test_transformers_callback_logs_through_the_trainer(tmp_path):
     assert logged[-1]["sharpness"] == pytest.approx(ref, rel=1e-6)
     assert logged[-1]["sharpness_2_over_lr"] == pytest.approx(20.0)
     assert "norms_update_ratio" in logged[-1]
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+def _cfg(steps=60, monitors=True, **log):
+    c = {"seed": 3, "duration": f"{steps} steps", "data": {"name": "synthetic", "num_samples": 400, "num_test": 100},
+         "model": {"name": "mlp", "hidden": [16]}, "sampler": {"name": "replacement", "batch_size": 32},
+         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "eval": {"every": 0},
+         "checkpoint": {"every": 30}, "log": {"every": 10, "progress": False, **log}}
+    if monitors:
+        c["monitors"] = [{"name": "sharpness", "every": 20, "probe": 200, "tol": 1e-8, "max_iter": 60},
+                         {"name": "noise_scale", "every": 20}, {"name": "norms", "every": 30}]
+    return c
+
+
+def _rows(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_engine_runs_the_monitors_without_changing_training(tmp_path):
+    from sgdlab.train import load_run, run
+
+    run(_cfg(monitors=False), tmp_path / "plain", quiet=True)
+    run(_cfg(), tmp_path / "mon", quiet=True)
+    plain = {r["step"]: r for r in _rows(tmp_path / "plain")}
+    mon = {r["step"]: r for r in _rows(tmp_path / "mon")}
+    assert all(mon[s]["train_loss"] == r["train_loss"] for s, r in plain.items())  # bit-identical training
+    assert [s for s, r in mon.items() if "sharpness" in r] == [20, 40, 60]
+    assert [s for s, r in mon.items() if "norms_update_ratio" in r] == [30, 60]
+    assert [s for s, r in mon.items() if "noise_scale_raw" in r] == [20, 40, 60]
+    assert mon[60]["sharpness_threshold"] == pytest.approx((2 + 2 * 0.9) / 0.1)
+    # the eigenvalue is that of the trained data loss on the probe (200 training examples drawn from the seed)
+    cfg, model, ds = load_run(tmp_path / "mon")
+    idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(cfg.seed + 7919))[:200]
+    ref = hessian_eigenvalues(model, F.cross_entropy, (ds.train_x[idx], ds.train_y[idx]), k=1, tol=1e-10,
+                              max_iter=200)
+    assert mon[60]["sharpness"] == pytest.approx(float(ref[0]), rel=1e-6)
+
+
+def test_engine_monitors_resume_exactly(tmp_path):
+    from sgdlab.train import resume, run
+
+    run(_cfg(), tmp_path / "full", quiet=True)
+    run(_cfg(steps=30), tmp_path / "part", quiet=True)
+    resume(tmp_path / "part", overrides=["duration=60 steps"], quiet=True)
+    full, part = _rows(tmp_path / "full"), _rows(tmp_path / "part")
+    SKIP = ("time", "monitor_time", "test_acc", "test_loss")  # clocks; the shorter run evaluated at its end
+    assert len(full) == len(part) and any("sharpness" in r for r in part[3:])
+    for a, b in zip(full, part):
+        assert {k: v for k, v in a.items() if k not in SKIP} == \
+               {k: v for k, v in b.items() if k not in SKIP}
+
+
+def test_engine_logs_monitors_to_mlflow_and_the_report_plots_them(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from sgdlab.experiments.report import write_report
+    from sgdlab.train import run
+
+    run(_cfg(mlflow=True), tmp_path / "r", quiet=True)
+    run_id = (tmp_path / "r" / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=(tmp_path / "r" / "mlruns").resolve().as_uri())
+    hist = sorted(client.get_metric_history(run_id, "sharpness"), key=lambda m: m.step)
+    rows = [r for r in _rows(tmp_path / "r") if "sharpness" in r]
+    assert [(m.step, m.value) for m in hist] == [(r["step"], r["sharpness"]) for r in rows]
+    assert client.get_run(run_id).data.params["optim.lr"] == "0.1"
+    assert len(client.get_metric_history(run_id, "train_loss")) == 6
+    paths = write_report(tmp_path / "r")
+    md = paths["markdown"].read_text()
+    assert "## Monitors" in md and "monitor_sharpness.png" in md and "monitor_noise_scale.png" in md
+    assert (tmp_path / "r" / "monitor_sharpness.png").stat().st_size > 1000
+
+
+def test_monitor_config_errors_name_the_key():
+    from sgdlab.errors import ConfigError
+    from sgdlab.train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"monitors\[0\].name: unknown monitor 'sharpnes' \(did you mean 'sharpness'"):
+        load_config({"monitors": [{"name": "sharpnes"}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'monitors\[0\].max_iters' \(did you mean 'monitors\[0\].max_iter'"):
+        load_config({"monitors": [{"name": "sharpness", "max_iters": 3}]})
+    with pytest.raises(ConfigError, match=r"missing key 'monitors\[0\].name'"):
+        load_config({"monitors": [{"every": 3}]})
+    with pytest.raises(ConfigError, match="log.mlflow"):
+        load_config({"log": {"mlflow": 3}})

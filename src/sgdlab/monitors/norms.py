@@ -36,8 +36,8 @@ class Norms(Monitor):
 (``zero_grad(set_to_none=True)``) gets no gradient norms. The update is the change of the weights
     across the step, for which the weights are copied by :meth:`before_step` one step before a check
     (a loop that does not call it gets no ratio). Logs ``norms_grad``, ``norms_weight`` and
-    ``norms_update_ratio`` for the whole model and ``norms_grad/<block>``, ``norms_weight/<block>``,
-    ``norms_update_ratio/<block>`` per block (``blocks=None`` logs only the totals).
+    ``norms_update_ratio`` for the whole model and ``norms/<block>/grad``, ``norms/<block>/weight``,
+    ``norms/<block>/update_ratio`` per block (a folder of its own in TensorBoard and in an MLflow file store) (``blocks=None`` logs only the totals).
     """
 
     def __init__(self, every: int = 100, *, blocks: str | None = "layers", prefix: str | None = None):
@@ -69,17 +69,19 @@ class Norms(Monitor):
         # a loop that clears the gradients before the check (transformers' Trainer): no gradient norms
         has_grads = any(p.grad is not None for p in params.values())
         for label, names in self._groups(model).items():
-            suffix = f"/{label}" if label else ""
+            def key(what: str) -> str:
+                return f"{self.prefix}/{label}/{what}" if label else self.key(what)
+
             ws = [params[n] for n in names]
             w_norm = _norm(ws)
             grads = [p.grad for p in ws if p.grad is not None]
             if has_grads:
-                out[self.key("grad") + suffix] = _norm(grads)
-            out[self.key("weight") + suffix] = w_norm
+                out[key("grad")] = _norm(grads)
+            out[key("weight")] = w_norm
             if before is not None:
                 upd = _norm([params[n].detach() - before[n] for n in names])
                 w0 = _norm([before[n] for n in names])
-                out[self.key("update_ratio") + suffix] = upd / w0 if w0 > 0 else float("nan")
+                out[key("update_ratio")] = upd / w0 if w0 > 0 else float("nan")
         self._before, self._before_step = None, None
         return out
 
