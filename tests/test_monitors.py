@@ -388,3 +388,14 @@ def test_monitor_config_errors_name_the_key():
         load_config({"monitors": [{"every": 3}]})
     with pytest.raises(ConfigError, match="log.mlflow"):
         load_config({"log": {"mlflow": 3}})
+
+
+def test_monitors_import_no_engine_layer():
+    """sgdlab.monitors sits below sgdlab.train: importing it pulls in neither train, experiments nor cli."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sgdlab.monitors; bad = [m for m in sys.modules if m.startswith(('sgdlab.train', "
+            "'sgdlab.experiments', 'sgdlab.cli', 'sgdlab.integrations'))]; print(bad); assert not bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
