@@ -291,8 +291,8 @@ def test_transformers_callback_logs_through_the_trainer(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     with pytest.raises(ValueError, match="probe"):
         MonitorCallback([Sharpness(every=2)], F.mse_loss)
-    cb = MonitorCallback([Sharpness(every=2, max_iter=60, tol=1e-10), Norms(every=2)], F.mse_loss,
-                         probe=(x, y)).attach(trainer)
+    MonitorCallback([Sharpness(every=2, max_iter=60, tol=1e-10), Norms(every=2)], F.mse_loss,
+                    probe=(x, y)).attach(trainer)
     trainer.train()
     logged = [r for r in trainer.state.log_history if "sharpness" in r]
     assert [r["step"] for r in logged] == [2, 4]
@@ -390,6 +390,14 @@ def test_monitor_config_errors_name_the_key():
         load_config({"log": {"mlflow": 3}})
 
 
+def test_monitor_probe_on_a_batch_monitor_is_refused():
+    from sgdlab.errors import ConfigError
+    from sgdlab.train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"monitors\[0\].probe: noise_scale measures the batch just trained on"):
+        load_config({"monitors": [{"name": "noise_scale", "every": 10, "probe": 100}]})
+
+
 def test_monitors_import_no_engine_layer():
     """sgdlab.monitors sits below sgdlab.train: importing it pulls in neither train, experiments nor cli."""
     import subprocess
@@ -397,5 +405,5 @@ def test_monitors_import_no_engine_layer():
 
     code = ("import sys, sgdlab.monitors; bad = [m for m in sys.modules if m.startswith(('sgdlab.train', "
             "'sgdlab.experiments', 'sgdlab.cli', 'sgdlab.integrations'))]; print(bad); assert not bad")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr

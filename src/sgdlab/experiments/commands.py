@@ -98,11 +98,14 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_ledger(args) -> int:
-    from .ledger import ledger_markdown, load, refresh, rich_table
+    from .ledger import history_markdown, ledger_markdown, load, refresh, rich_table
 
     root = Path(args.results)
     if args.recompute:
         refresh(root)
+    if args.history:
+        print(history_markdown(root), end="")
+        return 0
     if args.markdown:
         print(ledger_markdown(root), end="")
         return 0
@@ -156,4 +159,6 @@ def add_parsers(sub) -> None:
     g.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's ledger)")
     g.add_argument("--recompute", action="store_true",
                    help="rewrite every verdicts.json and report.md from the committed tables")
+    g.add_argument("--history", action="store_true",
+                   help="list every study's earlier (superseded) runs, their verdicts and why they were replaced")
     g.set_defaults(fn=_cmd_ledger)

@@ -49,8 +49,7 @@ class Norms(Monitor):
         self._before_step: int | None = None
 
     def _groups(self, model) -> dict[str, list[str]]:
-        named = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        groups = {"": list(named)}
+        groups = {"": [n for n, p in model.named_parameters() if p.requires_grad]}
         if self.blocks is not None:
             groups.update(block_partition(model, self.blocks))
         return groups
@@ -69,7 +68,7 @@ class Norms(Monitor):
         # a loop that clears the gradients before the check (transformers' Trainer): no gradient norms
         has_grads = any(p.grad is not None for p in params.values())
         for label, names in self._groups(model).items():
-            def key(what: str) -> str:
+            def key(what: str, label: str = label) -> str:
                 return f"{self.prefix}/{label}/{what}" if label else self.key(what)
 
             ws = [params[n] for n in names]

@@ -229,7 +229,8 @@ class MonitorConfig(_Open):
 
     ``probe`` (sharpness, importance): examples of the training set in the monitor's fixed probe batch,
     drawn once from the run's seed (default: 1000 for sharpness, the whole training set as the pool of
-    importance); ``0`` uses the batch just trained on (sharpness) .
+    importance); ``0`` makes sharpness use the batch just trained on. noise_scale and norms always
+    measure the batch just trained on.
     """
 
     name: str
@@ -469,6 +470,9 @@ def _check_monitors(cfg: Config) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"monitors[{i}].name: unknown monitor {m.name!r}{hint}; known: "
                               f"{', '.join(monitors.names())}")
+        if m.probe is not None and m.name in ("noise_scale", "norms"):
+            raise ConfigError(f"monitors[{i}].probe: {m.name} measures the batch just trained on (a fixed batch "
+                              "would not sample the gradient noise); remove probe")
         extras = m.extras()
         _check_kwargs(f"monitors[{i}]", extras, monitors.base._REGISTRY[m.name], skip=_MONITOR_FILLED)
         prefix = extras.get("prefix", m.name)
