@@ -376,10 +376,12 @@ def monitor_figure(trials: list[dict], kind: str, path: Path) -> bool:
             if rx and not (key == "sharpness_threshold" and _same(rows, key, "sharpness_2_over_lr")):
                 ax.plot(rx, ry, style, color=color, linewidth=1)
                 plotted += ry
-        if band:
-            lo, hi = _series(rows, band[0]), _series(rows, band[1])
-            if lo[0] and len(lo[0]) == len(hi[0]):
-                ax.fill_between(lo[0], lo[1], hi[1], color=color, alpha=0.2, linewidth=0)
+        if band:  # where both ends are finite (an interval's upper end is unbounded while |G|^2 ~ 0)
+            lo, hi = dict(zip(*_series(rows, band[0]))), dict(zip(*_series(rows, band[1])))
+            both = sorted(set(lo) & set(hi))
+            if both:
+                ax.fill_between(both, [lo[k] for k in both], [hi[k] for k in both], color=color, alpha=0.2,
+                                linewidth=0)
         for key in extra:
             ex, ey = _series(rows, key)
             if ex:
