@@ -4,9 +4,11 @@ cnn1d on MNIST-1D (batch 100, SGD momentum 0.9, as benchmarks/train_loop.py), ru
 ``sgdlab.train.run`` with ``monitors: [{name: sharpness, every: 100, probe: P}]`` and without monitors,
 for each probe size ``P`` (the Hessian is that of the data loss on ``P`` fixed training examples;
 1000 is the engine's default). Wall-clock time of the whole run (set-up, steps, monitors, the final
-evaluation and checkpoint), repeats interleaved (baseline, then each variant, then again), so a change
-in the machine's load hits all of them alike. Prints every repeat's ratio and the median with the
-spread (min-max), and the mean Hessian-vector products a check took.
+evaluation and checkpoint) and the process's CPU time (steadier on a shared machine: other jobs stretch
+wall-clock time, not this process's CPU time), repeats interleaved (baseline, then each variant, then again), so a change
+in the machine's load hits all of them alike. Prints every repeat's ratios and the median with the
+spread (min-max), the in-run ratio (the engine's monitor clock against its training clock, measured step
+by step in the same process) and the mean Hessian-vector products a check took.
 
     python benchmarks/monitors.py [--steps 2000] [--repeats 3] [--every 100] [--probes 1000,100] [--threads 1]
 """
@@ -33,13 +35,16 @@ def config(steps: int, monitors: list) -> dict:
             "monitors": monitors}
 
 
-def seconds(steps: int, monitors: list, out: Path) -> tuple[float, float | None]:
-    t0 = time.perf_counter()
+def seconds(steps: int, monitors: list, out: Path) -> dict:
+    """Wall-clock and CPU seconds of a whole run, its in-run ratio and the products a check took."""
+    t0, c0 = time.perf_counter(), time.process_time()
     train.run(config(steps, monitors), out, quiet=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     mv = [r["sharpness_matvecs"] for r in rows if "sharpness_matvecs" in r]
-    return wall, (sum(mv) / len(mv) if mv else None)
+    last = rows[-1]
+    inside = 1.0 + last.get("monitor_time", 0.0) / last["time"]
+    return {"wall": wall, "cpu": cpu, "inside": inside, "matvecs": sum(mv) / len(mv) if mv else None}
 
 
 def main() -> None:
@@ -54,28 +59,30 @@ def main() -> None:
     probes = [int(p) for p in args.probes.split(",")]
     variants = {"none": []} | {f"probe={p}": [{"name": "sharpness", "every": args.every, "probe": p}]
                                for p in probes}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    matvecs: dict[str, list[float]] = {k: [] for k in variants}
+    res: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         seconds(50, [], root / "warm")
         for r in range(args.repeats):
             for name, mons in variants.items():
-                wall, mv = seconds(args.steps, mons, root / f"{name}-{r}")
-                times[name].append(wall)
-                if mv is not None:
-                    matvecs[name].append(mv)
+                res[name].append(seconds(args.steps, mons, root / f"{name}-{r}"))
     print(f"cnn1d, {args.steps} steps, batch 100, {args.threads} thread(s); sharpness every {args.every} steps; "
           f"{args.repeats} interleaved repeats")
-    print(f"  without monitors: median {statistics.median(times['none']):.2f} s "
-          f"({', '.join(f'{t:.2f}' for t in times['none'])})")
+    base = res["none"]
+    walls = ", ".join(f"{x['wall']:.2f}" for x in base)
+    cpus = ", ".join(f"{x['cpu']:.2f}" for x in base)
+    print(f"  without monitors: wall {walls} s; CPU {cpus} s")
     for name in variants:
         if name == "none":
             continue
-        ratios = [a / b for a, b in zip(times[name], times["none"])]
-        print(f"  {name:>10}: ratio (with / without) median {statistics.median(ratios):.3f}, spread "
-              f"{min(ratios):.3f}-{max(ratios):.3f} (per repeat: {', '.join(f'{x:.3f}' for x in ratios)}); "
-              f"{statistics.mean(matvecs[name]):.1f} Hessian-vector products a check")
+        print(f"  {name} ({statistics.mean(x['matvecs'] for x in res[name]):.1f} Hessian-vector products a check):")
+        for what, label in (("wall", "wall-clock, with / without"), ("cpu", "CPU time, with / without")):
+            ratios = [a[what] / b[what] for a, b in zip(res[name], base)]
+            print(f"    {label}: median {statistics.median(ratios):.3f}, spread {min(ratios):.3f}-{max(ratios):.3f} "
+                  f"({', '.join(f'{x:.3f}' for x in ratios)})")
+        inside = [x["inside"] for x in res[name]]
+        print(f"    in-run, (training + monitor time) / training time: median {statistics.median(inside):.3f}, "
+              f"spread {min(inside):.3f}-{max(inside):.3f}")
 
 
 if __name__ == "__main__":
