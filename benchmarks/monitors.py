@@ -2,7 +2,7 @@
 
 cnn1d on MNIST-1D (batch 100, SGD momentum 0.9, as benchmarks/train_loop.py), run end to end through
 ``sgdlab.train.run`` with ``monitors: [{name: sharpness, every: 100, probe: P}]`` and without monitors,
-for each probe size ``P`` (the Hessian is that of the data loss on ``P`` fixed training examples;
+for each probe size ``P`` (``P:M`` also caps the Hessian-vector products of a check at ``M``; the Hessian is that of the data loss on ``P`` fixed training examples;
 1000 is the engine's default). Wall-clock time of the whole run (set-up, steps, monitors, the final
 evaluation and checkpoint) and the process's CPU time (steadier on a shared machine: other jobs stretch
 wall-clock time, not this process's CPU time), repeats interleaved (baseline, then each variant, then again), so a change
@@ -10,7 +10,7 @@ in the machine's load hits all of them alike. Prints every repeat's ratios and t
 spread (min-max), the in-run ratio (the engine's monitor clock against its training clock, measured step
 by step in the same process) and the mean Hessian-vector products a check took.
 
-    python benchmarks/monitors.py [--steps 2000] [--repeats 3] [--every 100] [--probes 1000,100] [--threads 1]
+    python benchmarks/monitors.py [--steps 2000] [--repeats 3] [--every 100] [--probes 1000,100,100:3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--probes", default="1000,100", help="comma-separated probe sizes")
+    ap.add_argument("--probes", default="1000,100,100:3",
+                    help="comma-separated probe sizes, each optionally with :MAX_ITER (products a check at most)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    probes = [int(p) for p in args.probes.split(",")]
-    variants = {"none": []} | {f"probe={p}": [{"name": "sharpness", "every": args.every, "probe": p}]
-                               for p in probes}
+    variants: dict[str, list] = {"none": []}
+    for spec in args.probes.split(","):
+        probe, _, max_iter = spec.partition(":")
+        mon = {"name": "sharpness", "every": args.every, "probe": int(probe)}
+        if max_iter:
+            mon["max_iter"] = int(max_iter)
+        variants[f"probe={probe}" + (f", max_iter={max_iter}" if max_iter else "")] = [mon]
     res: dict[str, list[dict]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
