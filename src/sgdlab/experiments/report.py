@@ -28,7 +28,8 @@ from ..files import save_figure, write_text
 from ..train.config import read_raw_config
 from . import aggregate as agg
 
-__all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report", "metric_names"]
+__all__ = ["Block", "Section", "curves_figure", "fmt", "render", "write_report", "metric_names", "monitor_figure",
+           "monitor_sections"]
 
 METRIC_NAMES = {
     "test_error": "test error", "test_acc": "test accuracy", "test_loss": "test loss",
@@ -339,6 +340,95 @@ def standard_sections(trials: list[dict], out: Path, *, baseline: str | None = N
     return [overview, curves, finals]
 
 
+# what each monitor's panel draws: (main key, dashed reference keys, band keys (lo, hi), extra lines, log y)
+MONITOR_PANELS = {
+    "sharpness": ("sharpness", ("sharpness_2_over_lr", "sharpness_threshold"), None, (), True,
+                  "top Hessian eigenvalue (dashed: 2/lr; dotted: the momentum threshold)"),
+    "noise_scale": ("noise_scale", (), ("noise_scale_lo", "noise_scale_hi"), (), True,
+                    "gradient noise scale B_simple (band: interval over the recent checks)"),
+    "importance": ("importance_variance_ratio", (), None, ("importance_tau_variance",), False,
+                   "importance sampling: measured variance ratio (solid) and tau (dashed)"),
+    "norms": ("norms_update_ratio", (), None, (), True, "update-to-weight ratio (whole model)"),
+}
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def monitor_figure(trials: list[dict], kind: str, path: Path) -> bool:
+    """One panel of a monitor (:mod:`sgdlab.monitors`) over training steps, one line per run.
+
+    ``sharpness`` draws the top eigenvalue with its ``2 / lr`` line (dashed) and, when momentum moves it,
+    the ``(2 + 2 beta) / lr`` threshold (dotted); ``noise_scale`` its smoothed value with the interval as
+    a band; ``importance`` the measured variance ratio with tau (``B sum g^2``) dashed; ``norms`` the
+    update-to-weight ratio. Returns False (and writes nothing) when no run logged the monitor.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main, refs, band, extra, logy, title = MONITOR_PANELS[kind]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    plotted: list[float] = []
+    for t in trials:
+        rows = t.get("rows") or []
+        xs, ys = _series(rows, main)
+        if not xs:
+            continue
+        line, = ax.plot(xs, ys, label=t["label"], marker="." if len(xs) < 40 else None)
+        plotted += ys
+        color = line.get_color()
+        for style, key in zip(("--", ":"), refs):
+            rx, ry = _series(rows, key)
+            if rx and not (key == "sharpness_threshold" and _same(rows, key, "sharpness_2_over_lr")):
+                ax.plot(rx, ry, style, color=color, linewidth=1)
+                plotted += ry
+        if band:  # where both ends are finite (an interval's upper end is unbounded while |G|^2 ~ 0)
+            lo, hi = dict(zip(*_series(rows, band[0]))), dict(zip(*_series(rows, band[1])))
+            both = sorted(set(lo) & set(hi))
+            if both:
+                ax.fill_between(both, [lo[k] for k in both], [hi[k] for k in both], color=color, alpha=0.2,
+                                linewidth=0)
+        for key in extra:
+            ex, ey = _series(rows, key)
+            if ex:
+                ax.plot(ex, ey, "--", color=color, linewidth=1)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("steps")
+    ax.set_ylabel(main)
+    if logy and plotted and min(plotted) > 0:
+        _log_axis(ax, plotted)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _same(rows: list[dict], a: str, b: str) -> bool:
+    return all(r.get(a) == r.get(b) for r in rows if a in r)
+
+
+def monitor_sections(trials: list[dict], out: Path, prefix: str = "") -> list[Section]:
+    """A "Monitors" section with one :func:`monitor_figure` per monitor the runs logged (none: no section)."""
+    sec = Section("Monitors", [Block("p", "Diagnostics logged during training (sgdlab.monitors), one line "
+                                          "per run.")])
+    for kind in MONITOR_PANELS:
+        name = f"{prefix}monitor_{kind}.png"
+        if monitor_figure([t for t in trials if t.get("rows")], kind, out / name):
+            sec.blocks.append(Block("img", MONITOR_PANELS[kind][5], path=name))
+    return [sec] if len(sec.blocks) > 1 else []
+
+
 def agg_json(v: Any) -> str:
     import json
 
@@ -375,7 +465,7 @@ def write_report(sweep_dir, out_dir=None, *, baseline: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     base_label = _parse_baseline(baseline, trials)
     all_sections = list(lead) + standard_sections(trials, out, baseline=base_label, metrics=metrics,
-                                                  figures=figures) + list(sections)
+                                                  figures=figures) + monitor_sections(trials, out) + list(sections)
     default_title = f"Run report: {trials[0]['label']}" if single else f"Sweep report: {sweep_dir.name}"
     md, h = render(title or default_title, all_sections)
     write_text(out / "report.md", md)  # a fresh file renamed into place: a planted link is replaced, not followed

@@ -16,6 +16,9 @@ callbacks *before* it calls ``train_dataloader()``.  :class:`SamplerCheckpoint` 
 batches trained since) and restores it into the sampler before the loader is iterated; the resumed
 loader then yields the rest of the interrupted epoch, which is what Lightning's restored batch counter
 expects.
+
+:class:`MonitorCallback` runs :mod:`sgdlab.monitors` (sharpness, noise scale, norms, ...) every ``k``
+optimizer steps and logs their scalars to the trainer's loggers (TensorBoard, MLflow, CSV, ...).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ except ImportError:  # pragma: no cover - the standalone package name
 
 from ..sampling.position import LoaderPosition
 
-__all__ = ["SamplerCheckpoint"]
+__all__ = ["SamplerCheckpoint", "MonitorCallback"]
 
 
 class SamplerCheckpoint(pl.Callback):
@@ -72,3 +75,59 @@ class SamplerCheckpoint(pl.Callback):
             raise RuntimeError(f"SamplerCheckpoint: the checkpoint has no {self.key!r} entry (it was written "
                                "without this callback), so the sampler's position cannot be restored")
         self._find(trainer, pl_module).load_state_dict(checkpoint[self.key])
+
+
+class MonitorCallback(pl.Callback):
+    """Run :mod:`sgdlab.monitors` inside ``Trainer.fit`` and log their scalars to every trainer logger.
+
+    After each optimizer step (``on_train_batch_end``; ``step`` is ``trainer.global_step``) every monitor
+    due at that step measures the LightningModule with ``loss_fn(pl_module(x), y)`` on its probe batch, or
+    on the training batch (``batch[0], batch[1]``; ``batch_transform(batch) -> (x, y)`` for other
+    layouts), and the scalars go to ``logger.log_metrics(scalars, step)`` of each of ``trainer.loggers``.
+    ``before_step`` runs in ``on_train_batch_start`` (the update-to-weight ratio of
+    :class:`~sgdlab.monitors.Norms`). The latest scalars are also kept in :attr:`last`; all of them in
+    :attr:`history` (``[(step, scalars), ...]``). With gradient accumulation a "step" is an optimizer step.
+
+    Args:
+        monitors: :class:`~sgdlab.monitors.Monitor` instances.
+        loss_fn: the mean loss of a batch, ``loss_fn(outputs, y)``.
+        batch_transform: maps a training batch to ``(x, y)``.
+    """
+
+    def __init__(self, monitors, loss_fn, *, batch_transform=None):
+        super().__init__()
+        from ..monitors import MonitorSet
+
+        self.monitors = MonitorSet(monitors, loss_fn=loss_fn)
+        self.batch_transform = batch_transform
+        self.last: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._step_before: int | None = None
+
+    def _xy(self, batch):
+        if self.batch_transform is not None:
+            return self.batch_transform(batch)
+        return batch[0], batch[1]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_before = trainer.global_step
+        self.monitors.before_step(pl_module, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step_before or not self.monitors.due(step):
+            return  # no optimizer step was taken (accumulation), or nothing is due
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        scalars = self.monitors.after_step(pl_module, self._xy(batch), opt, step)
+        if not scalars:
+            return
+        self.last = scalars
+        self.history.append((step, scalars))
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+
+    def state_dict(self) -> dict:
+        return {"monitors": self.monitors.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.monitors.load_state_dict(state_dict.get("monitors", {}))

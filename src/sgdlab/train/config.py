@@ -220,6 +220,28 @@ class LogConfig(_Strict):
     every: int = Field(10, gt=0)
     tensorboard: bool = False
     progress: bool = True
+    mlflow: bool | str = False  # true: a local MLflow file store in <run>/mlruns; a string: that folder or URI
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow(cls, v):
+        if not isinstance(v, bool | str) or v == "":
+            raise ValueError(f"must be true/false or a folder or tracking URI, got {v!r}")
+        return v
+
+
+class MonitorConfig(_Open):
+    """One entry of ``monitors:``: a :mod:`sgdlab.monitors` name, its period, and its own options.
+
+    ``probe`` (sharpness, importance): examples of the training set in the monitor's fixed probe batch,
+    drawn once from the run's seed (default: 1000 for sharpness, the whole training set as the pool of
+    importance); ``0`` makes sharpness use the batch just trained on. noise_scale and norms always
+    measure the batch just trained on.
+    """
+
+    name: str
+    every: int = Field(100, gt=0)
+    probe: int | None = Field(None, ge=0)
 
 
 class FastConfig(_Strict):
@@ -253,6 +275,7 @@ class Config(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
     sync_bn: bool = False
+    monitors: list[MonitorConfig] = Field(default_factory=list)
     name: str | None = None
     notes: str | None = None
     imports: list[str] = Field(default_factory=list)
@@ -340,6 +363,12 @@ def _format_validation(err: ValidationError, raw: dict | None = None) -> str:
                 ann = getattr(ann, "model_fields", {}).get(part)
                 ann = ann.annotation if ann is not None else None
             want = len(typing.get_args(ann)) if typing.get_origin(ann) is tuple else None
+            if want is None and e["type"] == "missing" and typing.get_origin(ann) is list:
+                # a required key missing in an item of a list of mappings (monitors: [{every: 3}])
+                where = ".".join(field_loc) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                                      for p in e["loc"][n:])
+                lines.append(f"missing key '{where}'")
+                continue
             got = _raw_at(raw, field_loc)
             msg = (f"invalid value for '{'.'.join(field_loc)}': expected a list of "
                    f"{want if want else 'the right number of'} values, got {got!r}")
@@ -450,12 +479,40 @@ def _check_semantics(cfg: Config) -> None:
         if not isinstance(opts, dict):
             raise ConfigError(f"invalid value for 'loss.{key}': expected a mapping of options, got {opts!r}")
         _check_kwargs(f"loss.{key}", opts, reg_base._TRANSFORMS[key], skip=("seed",), through_return=True)
+    _check_monitors(cfg)
     if cfg.duration.unit in ("seconds", "fwd") and cfg.schedule.unit in ("steps", "epochs") and cfg.schedule.name in (
             "cosine", "poly"):
         what = "seconds" if cfg.duration.unit == "seconds" else "forward-equivalents"
         raise ConfigError(f"schedule.unit: a run whose duration is in {what} has no known length in "
                           f"{cfg.schedule.unit}; use schedule.unit 'fraction' for {cfg.schedule.name}")
     del models  # imported for its registrations
+
+
+# options of a monitor the engine fills itself (from the run: optimizer, probe batch, loss, seed)
+_MONITOR_FILLED = ("every", "probe", "prefix", "lr", "momentum", "nesterov", "loss", "seed", "self")
+
+
+def _check_monitors(cfg: Config) -> None:
+    """``monitors[i].name`` against the monitor registry and its options against the monitor's keywords."""
+    from .. import monitors
+
+    seen: set[str] = set()
+    for i, m in enumerate(cfg.monitors):
+        if m.name not in monitors.names():
+            close = difflib.get_close_matches(m.name, monitors.names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"monitors[{i}].name: unknown monitor {m.name!r}{hint}; known: "
+                              f"{', '.join(monitors.names())}")
+        if m.probe is not None and m.name in ("noise_scale", "norms"):
+            raise ConfigError(f"monitors[{i}].probe: {m.name} measures the batch just trained on (a fixed batch "
+                              "would not sample the gradient noise); remove probe")
+        extras = m.extras()
+        _check_kwargs(f"monitors[{i}]", extras, monitors.base._REGISTRY[m.name], skip=_MONITOR_FILLED)
+        prefix = extras.get("prefix", m.name)
+        if prefix in seen:
+            raise ConfigError(f"monitors[{i}]: a second {m.name!r} monitor would log under the same names; give "
+                              f"it a prefix (e.g. prefix: {m.name}_2)")
+        seen.add(prefix)
 
 
 def _plain(value) -> tuple[bool, Any]:
@@ -710,7 +767,8 @@ def add_cli_imports(modules: list[str]) -> None:
 
 
 # Keys a resume may change (eval.*, log.*, checkpoint.every, the run's name and notes; duration only longer).
-RESUMABLE_KEYS = ("duration", "eval.every", "eval.batch_size", "checkpoint.every", "log.", "name", "notes")
+RESUMABLE_KEYS = ("duration", "eval.every", "eval.batch_size", "checkpoint.every", "log.", "name", "notes",
+                  "monitors")
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -768,7 +826,7 @@ def resume_drift(saved: dict, now: dict) -> str | None:
         return None
     return ("config.yaml or the overrides differ from the config the checkpoint was written with: "
             + "; ".join(changed) + ". A resume may change only duration (longer), eval.every, "
-            "checkpoint.every and log.*, e.g. 'sgdlab resume RUN duration=\"300 epochs\"'; start a new run "
+            "checkpoint.every, log.* and monitors, e.g. 'sgdlab resume RUN duration=\"300 epochs\"'; start a new run "
             "for anything else")
 
 

@@ -52,6 +52,7 @@ from .build import (AUTO_THREADS_MAX, AUTO_THREADS_MIN_PARAMS, SmoothedCrossEntr
 from .config import MAX_THREADS, Config, config_to_dict, load_config, resume_drift, resume_imports
 from .distributed import Dist, convert_sync_batchnorm, setup_distributed
 from .metrics import MetricsLog, progress_bar, read_rows
+from .monitoring import DataLoss, build_monitors, mlflow_logger
 from .state import CHECKPOINT, atomic_torch_save, atomic_write_text, rank_seed, rng_state, set_rng_state
 
 __all__ = ["run", "resume", "load_run", "build_dataset", "build_model", "per_example_loss", "evaluate"]
@@ -219,6 +220,7 @@ class _Run:
         self._build_model(ds, threads)
         self._build_source()
         self._build_schedule()
+        self._build_monitors()
 
         self.step, self.elapsed = 0, 0.0
         self.acc_loss, self.acc_n = torch.zeros((), device=self.device), 0
@@ -228,6 +230,8 @@ class _Run:
             self._restore(self.ckpt)
         self.metrics = MetricsLog(run_dir, dist.main, cfg.log.tensorboard,
                                   keep_until_step=self.step if resume else None)
+        if dist.main and cfg.log.mlflow is not False:
+            self.metrics.sinks.append(mlflow_logger(cfg, run_dir, resume=resume))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -239,6 +243,8 @@ class _Run:
         with self._progress() as bar:
             while not self._done():
                 self._set_lr()
+                if self.monitors is not None:
+                    self.monitors.before_step(self.model, self.step)
                 batch = self._next_batch()
                 keys = keyed.Keys(self.cfg.seed, self.step, batch.indices)  # per-example draws, any world size
                 x, y = self._inputs(batch, keys)
@@ -262,6 +268,8 @@ class _Run:
                 diverged = self._feed_back(batch, logits, y, losses, loss)
                 self.budget.add_step(len(y), len(y))
                 self._count(loss)
+                if self.monitors is not None:
+                    self._monitor(x, y, loss, diverged)
                 self._after_step(diverged, bar)
         return self._finish()
 
@@ -384,6 +392,15 @@ class _Run:
         self.elapsed += now - self._clock
         self._clock = now
 
+    def _monitor(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, diverged: bool) -> None:
+        """Run the monitors due after this step (off the training clock); their scalars join the next row."""
+        if diverged or not self.monitors.due(self.step) or not bool(torch.isfinite(loss.detach())):
+            return
+        self._sync_clock()
+        self._monitor_row.update(self.monitors.after_step(self.model, x, y, self.opt, self.step))
+        self.model.train()
+        self._clock = time.perf_counter()
+
     # -- bookkeeping after a step ---------------------------------------------------------------
 
     def _after_step(self, diverged: bool, update_bar) -> None:
@@ -401,7 +418,8 @@ class _Run:
             self.elapsed = max(self.elapsed, c.duration.value)
         stopping = self._stopping(at_log)
         end = self._done()
-        if not (at_log or at_eval or at_ckpt or end or diverged):
+        at_monitor = bool(self._monitor_row)
+        if not (at_log or at_eval or at_ckpt or end or diverged or at_monitor):
             if stopping:
                 self._interrupt()
             return
@@ -412,6 +430,8 @@ class _Run:
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
                "fwd": self.fwd_used(), "lr": self.opt.param_groups[0]["lr"], "train_loss": train_loss}
         row.update(self._component_metrics())
+        row.update(self._monitor_row)
+        self._monitor_row = {}
         if (at_eval or end) and self.dist.main:
             self.last_eval = self._evaluate()
             row.update(self.last_eval)
@@ -653,6 +673,14 @@ class _Run:
         except ValueError as e:
             raise ConfigError(f"schedule: {e}") from None
 
+    def _build_monitors(self) -> None:
+        """The ``monitors:`` of the config (:mod:`sgdlab.monitors`), measuring the trained data loss."""
+        c = self.cfg
+        self._monitor_row: dict = {}
+        self.monitors = build_monitors(c, self.ds, self.device, DataLoss(per_example_loss, c.loss.name,
+                                                                          c.loss.label_smoothing),
+                                       batch_size=c.sampler.batch_size)
+
     # -- position in the run (a new duration unit goes in these three) --------------------------
 
     def _progress_fraction(self) -> float:
@@ -719,6 +747,8 @@ class _Run:
         }
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
+        if self.monitors is not None:
+            state["monitors"] = self.monitors.state_dict()
         return state
 
     def _restore(self, st: dict) -> None:
@@ -745,6 +775,8 @@ class _Run:
             self.acc_n = int(st.get("acc_n", 0))
             if "budget" in st:
                 self.budget.load_state_dict(st["budget"])
+            if self.monitors is not None:
+                self.monitors.load_state_dict(st.get("monitors"))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise guard.CheckpointError(f"{path}: does not fit this run's optimizer, sampler or loss "
                                         f"transforms ({type(e).__name__}: {first_line(e)})") from None

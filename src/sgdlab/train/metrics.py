@@ -52,6 +52,7 @@ class MetricsLog:
         self.csv = run_dir / "metrics.csv"
         self.rows: list[dict] = []
         self.writer = None
+        self.sinks: list = []  # more trackers: objects with log(row, step) and close() (MLflow)
         if not enabled:
             return
         if self.jsonl.exists():
@@ -81,6 +82,8 @@ class MetricsLog:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, row["step"])
+        for sink in self.sinks:
+            sink.log(row, row["step"])
 
     def write_csv(self) -> None:
         """Rewrite metrics.csv (atomically) from all rows; columns in order of first appearance."""
@@ -99,6 +102,9 @@ class MetricsLog:
             self.fh.close()
             if self.writer is not None:
                 self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 @contextlib.contextmanager
