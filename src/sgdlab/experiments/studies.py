@@ -358,7 +358,8 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
                        "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
                        "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": ti.p,
                        "ladder": c.ladder, "at": c.at, "values": v.tolist(),
-                       "unreached": unreached, "trials": counted})
+                       "unreached": unreached, "trials": counted,
+                       "regime": proto.regime_that_ran(quick)})  # the regime that ran (quick mode says so)
     return {"claims": claims, "selection": chosen}
 
 
@@ -398,7 +399,7 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
                     d.note, f"{unreached} of {counted} trials never reached the target (counted at the budget)"])))
             c.update(decision_low=ti.low, decision_high=ti.high, outcome=d.outcome, qualifier=d.qualifier,
                      verdict=d.label, seeds_needed=d.seeds_needed, note=d.note)
-            c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
+            c["text"] = (f"In regime {c.get('regime') or proto.regime.rstrip('. ')}: {c['claim']}: {d.label} (estimate {c['estimate']:+.4g}, "
                          f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}, {c['n']} seeds"
                          + (f", {c['diverged']} diverged trials counted at the worst value" if c["diverged"] else "")
                          + (f", {unreached} of {counted} trials never reached the target" if unreached else "")
