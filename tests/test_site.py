@@ -69,7 +69,8 @@ def test_every_public_module_has_an_api_page_and_every_page_is_in_the_nav():
             if line.startswith("::: "):
                 documented[line[4:].strip()] = p.name
     public = ["sgdlab.sampling", "sgdlab.regularize", "sgdlab.analysis", "sgdlab.data", "sgdlab.models",
-              "sgdlab.schedules", "sgdlab.train", "sgdlab.errors", "sgdlab.integrations.lightning",
+              "sgdlab.schedules", "sgdlab.train", "sgdlab.errors", "sgdlab.train.build", "sgdlab.train.config",
+              "sgdlab.train.state", "sgdlab.train.metrics", "sgdlab.train.distributed", "sgdlab.train.guard", "sgdlab.integrations.lightning",
               "sgdlab.integrations.accelerate"]
     public += [f"sgdlab.experiments.{m}" for m in ("sweep", "report", "studies", "protocol", "stats", "ledger",
                                                     "aggregate", "analyze")]
