@@ -112,10 +112,14 @@ def test_analyze_applies_the_runs_thread_policy_and_reports_each_stage(runs):
 
     from sgdlab.experiments.analyze import main as analyze
 
+    threadpool_info = pytest.importorskip("threadpoolctl").threadpool_info
+
     seen = []
 
     def progress(done, total, stage):
         seen.append((done, total, stage, torch.get_num_threads()))
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert all(n == torch.get_num_threads() for n in blas), blas  # numpy/scipy's BLAS follows too
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -21,6 +21,7 @@ the data loss (cross-entropy, no weight decay) in eval mode, and writes ``RUN_DI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -227,16 +228,30 @@ def main(
     runs = [loader(d) for d in dirs]
     cfg, model, _ = runs[0]
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_thread_count(threads, cfg, model))
+    count = _thread_count(threads, cfg, model)
+    torch.set_num_threads(count)
     try:
-        return _analyse(kind, dirs, runs, progress=progress, loss_fn=loss_fn, seed=seed, max_examples=max_examples,
-                        batch_size=batch_size, split=split, eps=eps, subspace_dim=subspace_dim, max_iter=max_iter,
-                        k=k, num_samples=num_samples, trace_method=trace_method, blocks=blocks,
-                        curvature=curvature, data_resamples=data_resamples, num_vectors=num_vectors,
-                        num_steps=num_steps, alphas=alphas, paths=paths, noise_batch_sizes=noise_batch_sizes,
-                        num_pairs=num_pairs, quiet=quiet)
+        with _blas_threads(count):
+            return _analyse(kind, dirs, runs, progress=progress, loss_fn=loss_fn, seed=seed,
+                            max_examples=max_examples, batch_size=batch_size, split=split, eps=eps,
+                            subspace_dim=subspace_dim, max_iter=max_iter, k=k, num_samples=num_samples,
+                            trace_method=trace_method, blocks=blocks, curvature=curvature,
+                            data_resamples=data_resamples, num_vectors=num_vectors, num_steps=num_steps,
+                            alphas=alphas, paths=paths, noise_batch_sizes=noise_batch_sizes, num_pairs=num_pairs,
+                            quiet=quiet)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _blas_threads(count: int):
+    """numpy's and scipy's BLAS thread pools limited to ``count`` too, as ``OMP_NUM_THREADS`` would: the small
+    dense problems of Lanczos and SLQ gain nothing from threads, and OpenBLAS threads spin while they wait for
+    a busy core. A no-op where threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=count, user_api="blas")
 
 
 def _thread_count(threads: int | None, cfg: Any, model: torch.nn.Module) -> int:
