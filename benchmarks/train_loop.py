@@ -7,9 +7,10 @@ writing the run directory), so its per-step bookkeeping — schedule, batch sour
 progress, the final checkpoint — is counted.
 
 Repeats are interleaved (set-up, engine, minimal loop, then the next repeat), so a change in the machine's
-load hits both sides alike. Each repeat gives one ratio engine / minimal; the script prints their median and
-their range (min-max), from wall-clock time and from the process's CPU time (which does not count the time
-other processes hold the cores, so it is steadier on a shared machine).
+load hits both sides alike. Each repeat gives one ratio engine / minimal (the median set-up time
+subtracted); the script prints their median and range (min-max), from wall-clock time and from the
+process's CPU time (which does not count the time other processes hold the cores, so it is steadier on a
+shared machine).
 
 ``--fast`` runs both loops with the fast-path options (the dataset on the device, bf16 autocast,
 ``torch.compile``; channels_last too when the model has 2-D inputs): the reference for a GPU run
@@ -113,20 +114,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ds = data.create("mnist1d").normalized()
     kw = {"fast": args.fast, "device": args.device}
-    wall, cpu = [], []
-    e_sps, m_sps = [], []
+    setups, engines, minimals = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         engine_seconds(50, root, "warm", threads=args.threads, **kw)
         minimal_seconds(50, ds, **kw)
         for r in range(args.repeats):
-            s = engine_seconds(1, root, f"setup{r}", threads=args.threads, **kw)
-            e = engine_seconds(args.steps, root, f"run{r}", threads=args.threads, **kw)
-            m = minimal_seconds(args.steps, ds, **kw)
-            wall.append(m[0] / (e[0] - s[0]))
-            cpu.append(m[1] / (e[1] - s[1]))
-            e_sps.append(args.steps / (e[0] - s[0]))
-            m_sps.append(args.steps / m[0])
+            setups.append(engine_seconds(1, root, f"setup{r}", threads=args.threads, **kw))
+            engines.append(engine_seconds(args.steps, root, f"run{r}", threads=args.threads, **kw))
+            minimals.append(minimal_seconds(args.steps, ds, **kw))
+    # the set-up is a constant offset: its median over the repeats is subtracted from every engine run
+    setup = [statistics.median(s[i] for s in setups) for i in (0, 1)]
+    wall = [m[0] / (e[0] - setup[0]) for e, m in zip(engines, minimals)]
+    cpu = [m[1] / (e[1] - setup[1]) for e, m in zip(engines, minimals)]
+    e_sps = [args.steps / (e[0] - setup[0]) for e in engines]
+    m_sps = [args.steps / m[0] for m in minimals]
     mode = "fast path (data on device, bf16 autocast, torch.compile)" if args.fast else "default options"
     print(f"cnn1d / mnist1d, batch {BATCH}, {args.steps} steps, {args.threads} thread(s), {args.device}, {mode}, "
           f"{args.repeats} interleaved repeats")
