@@ -62,6 +62,8 @@ def test_analyze_hessian_blocks_prints_the_per_block_table(runs, capsys):
     result = json.loads((runs / "small" / "analysis" / "hessian.json").read_text())
     blocks = result["blocks"]["blocks"]
     assert len(blocks) == 2  # the two Linear layers of the MLP
+    assert [(b["block"], b["module"]) for b in blocks] == [("net.0", "Linear"), ("net.2", "Linear")]
+    assert "net.0 (Linear)" in out and "net.2 (Linear)" in out  # named by module path and class
     for b in blocks:  # every block's numbers are printed, not only the file paths
         assert b["block"] in out and f"{b['trace']['value']:.6g}" in out
         assert f"{b['top_eigenvalues']['values'][0]:.6g}" in out
@@ -92,6 +94,7 @@ def test_analyze_noise_prints_the_interval(runs, capsys):
     (["analyze", "hessian", "{missing}"], "does not exist"),
     (["analyze", "hessian", "{empty}"], "not a finished run directory (no config.yaml)"),
     (["analyze", "interpolate", "{run}"], "takes 2 run directories"),
+    (["analyze", "noise", "{run}", "--threads", "0"], "threads must be a whole number from 1"),
 ])
 def test_analyze_errors_are_one_line_with_exit_2(runs, tmp_path, capsys, argv, word):
     (tmp_path / "empty").mkdir()
@@ -100,3 +103,35 @@ def test_analyze_errors_are_one_line_with_exit_2(runs, tmp_path, capsys, argv, w
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert word in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_analyze_applies_the_runs_thread_policy_and_reports_each_stage(runs):
+    """Like ``run``: ``threads: auto`` gives one thread to a model under 2 million parameters, ``threads=``
+    overrides it, and the caller's thread count is restored afterwards."""
+    import torch
+
+    from sgdlab.experiments.analyze import main as analyze
+
+    threadpool_info = pytest.importorskip("threadpoolctl").threadpool_info
+
+    seen = []
+
+    def progress(done, total, stage):
+        seen.append((done, total, stage, torch.get_num_threads()))
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert all(n == torch.get_num_threads() for n in blas), blas  # numpy/scipy's BLAS follows too
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        analyze("noise", runs / "small", max_examples=200, num_pairs=2, progress=progress)
+        assert [(d, t, n) for d, t, _, n in seen] == [(0, 2, 1), (1, 2, 1)]
+        assert "per-example" in seen[0][2] and "two-batch" in seen[1][2]
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        analyze("hessian", runs / "small", max_examples=200, k=1, num_samples=4, num_vectors=1, num_steps=4,
+                blocks="layers", threads=3, progress=progress)
+        assert [(d, t, n) for d, t, _, n in seen] == [(0, 4, 3), (1, 4, 3), (2, 4, 3), (3, 4, 3)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

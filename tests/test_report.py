@@ -153,3 +153,22 @@ def test_a_torn_last_metrics_line_is_dropped_in_a_run_and_in_a_sweep(sweep_dir, 
     with open(d / next(iter(before)) / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "train_lo')
     assert {t["name"]: len(t["rows"]) for t in agg.load_trials(d)} == before
+
+
+def test_a_single_point_series_is_drawn_with_a_marker(tmp_path, monkeypatch):
+    """A one-epoch run logs its test accuracy once: a line through one point would leave the panel blank."""
+    import matplotlib.pyplot as plt
+
+    from sgdlab.experiments.report import curves_figure
+
+    closed = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (closed.append(fig), real_close(fig)))
+    rows = [{"step": 10, "epoch": 0.5, "train_loss": 1.0}, {"step": 20, "epoch": 1.0, "train_loss": 0.8, "test_acc": 0.9}]
+    trials = [{"status": "completed", "label": "one epoch", "config": {}, "rows": rows}]
+    assert curves_figure(trials, "test_error", "epoch", tmp_path / "err.png")
+    assert curves_figure(trials, "train_loss", "epoch", tmp_path / "loss.png")
+    (single,), (two,) = (fig.axes[0].lines for fig in closed)
+    assert list(single.get_xdata()) == [1.0] and single.get_marker() == "o"
+    assert single.get_ydata()[0] == pytest.approx(0.1)
+    assert len(two.get_xdata()) == 2 and two.get_marker() in ("None", None, "")

@@ -14,4 +14,5 @@ import os as _os
 # it is set here, on import; a value the user set wins; child processes inherit it.
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__version__ = "0.1.0"
+# The package's version: pyproject.toml reads it from here, and CHANGELOG.md's latest entry names it.
+__version__ = "0.2.0"

@@ -67,6 +67,7 @@ def _cmd_check(args) -> int:
 
 def _cmd_analyze(args) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .experiments.analyze import format_results
     from .experiments.analyze import main as analyze_main
@@ -75,13 +76,20 @@ def _cmd_analyze(args) -> int:
         "k": args.k, "eps": args.eps, "max_examples": args.examples, "split": args.split, "seed": args.seed,
         "num_samples": args.samples, "trace_method": args.trace_method, "blocks": args.blocks,
         "curvature": args.curvature, "data_resamples": args.resamples, "num_pairs": args.pairs,
-        "noise_batch_sizes": args.noise_batch_sizes, "batch_size": args.batch_size,
+        "noise_batch_sizes": args.noise_batch_sizes, "batch_size": args.batch_size, "threads": args.threads,
     }.items() if v is not None}
     where = ", ".join(str(d) for d in args.run_dirs)
+    bar = Progress(SpinnerColumn(), TextColumn(f"analyze {args.kind} {where}:"), TextColumn("{task.description}"),
+                   BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("loading", total=None)
+
+    def progress(done: int, total: int, stage: str) -> None:
+        bar.update(task, completed=done, total=total, description=stage)
+
     try:
-        with Console(stderr=True).status(f"sgdlab analyze {args.kind}: {where} (Hessian and sharpness "
-                                         "take about a minute on a CPU)"):
-            result = analyze_main(args.kind, args.run_dirs, **opts)
+        with bar:
+            result = analyze_main(args.kind, args.run_dirs, progress=progress, **opts)
     except (ValueError, FileNotFoundError) as e:  # bad option or run directory: one line, exit 2
         print(f"sgdlab: error: {e}", file=sys.stderr)
         return 2
@@ -148,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resamples", type=int, help="hessian: bootstrap resamples of the data for error bars")
     a.add_argument("--pairs", type=int, help="noise: batch pairs of the two-batch estimate (default 200)")
     a.add_argument("--noise-batch-sizes", type=_two_ints, help="noise: B_SMALL,B_BIG (default 16,256)")
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: the run's own setting, as 'run' "
+                   "applies it)")
     a.set_defaults(fn=_cmd_analyze)
 
     try:

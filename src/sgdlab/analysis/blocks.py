@@ -52,19 +52,41 @@ def block_partition(model: nn.Module, by: str = "layers") -> dict[str, list[str]
     return out
 
 
+def _module_class(model: nn.Module, label: str, block: Any) -> str:
+    """The class name of the module at path ``label`` (or at the prefix ``block``), ``""`` if there is none."""
+    model = unwrap_model(model)
+    for path in (label, block):
+        if isinstance(path, str):
+            if path == "(root)":
+                return type(model).__name__
+            try:
+                return type(model.get_submodule(path)).__name__
+            except AttributeError:
+                pass
+    return ""
+
+
 @dataclass
 class BlockRow:
-    """One block: its label, parameter names and count, trace estimate and top eigenvalues."""
+    """One block: its label (the module path for ``"layers"``/``"stages"``), parameter names and count,
+    trace estimate and top eigenvalues, and ``module``, the class of the module at that path (``""`` when
+    the label is not a module path)."""
 
     label: str
     names: list[str] = field(repr=False)
     num_params: int
     trace: TraceEstimate
     top: EigenResult
+    module: str = ""
+
+    @property
+    def title(self) -> str:
+        """``"path (Class)"``, e.g. ``"features.0 (Conv2d)"``: the label with the module's class."""
+        return f"{self.label} ({self.module})" if self.module else self.label
 
     def as_dict(self) -> dict:
-        return {"block": self.label, "num_params": self.num_params, "trace": self.trace.as_dict(),
-                "top_eigenvalues": self.top.as_dict(), "names": self.names}
+        return {"block": self.label, "module": self.module, "num_params": self.num_params,
+                "trace": self.trace.as_dict(), "top_eigenvalues": self.top.as_dict(), "names": self.names}
 
 
 @dataclass
@@ -86,9 +108,10 @@ class BlockTable:
 
     def format(self) -> str:
         """A plain-text table: block, parameters, trace +- stderr, top eigenvalue (residual)."""
-        lines = [f"{'block':24s} {'params':>8s} {'trace':>12s} {'+-':>10s} {'top eig':>12s} {'residual':>9s}"]
+        width = max([24, *(len(r.title) for r in self.rows)])
+        lines = [f"{'block':{width}s} {'params':>8s} {'trace':>12s} {'+-':>10s} {'top eig':>12s} {'residual':>9s}"]
         for r in [*self.rows, *([self.total] if self.total is not None else [])]:
-            lines.append(f"{r.label[:24]:24s} {r.num_params:8d} {r.trace.value:12.5g} {r.trace.stderr:10.3g} "
+            lines.append(f"{r.title:{width}s} {r.num_params:8d} {r.trace.value:12.5g} {r.trace.stderr:10.3g} "
                          f"{float(r.top.values[0]):12.5g} {float(r.top.residuals[0]):9.2g}")
         return "\n".join(lines)
 
@@ -135,6 +158,6 @@ def curvature_blocks(
         method = "exact" if op.dim <= num_matvecs else trace_method
         tr = estimate_trace(op, method=method, num_matvecs=num_matvecs, seed=seed, data_resamples=data_resamples)
         top = top_eigenvalues(op, k=kk, max_iter=max_iter, tol=tol, seed=seed, data_resamples=data_resamples)
-        rows.append(BlockRow(str(label), list(op.names), op.dim, tr, top))
+        rows.append(BlockRow(str(label), list(op.names), op.dim, tr, top, _module_class(model, label, block)))
     total = rows.pop() if include_total else None
     return BlockTable(rows, total, curvature)

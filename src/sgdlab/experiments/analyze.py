@@ -21,6 +21,7 @@ the data loss (cross-entropy, no weight decay) in eval mode, and writes ``RUN_DI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -112,7 +113,7 @@ def _check_finite_loss(kind: str, run_dir: Path, model, loss_fn, batches) -> Non
 
 def _check_options(kind: str, *, split: str, max_examples, k: int, eps, num_samples: int, trace_method: str,
                    blocks, curvature: str, data_resamples: int, num_pairs: int, noise_batch_sizes,
-                   batch_size: int = 1000, seed: int = 0) -> None:
+                   batch_size: int = 1000, seed: int = 0, threads: int | None = None) -> None:
     """One-line ``ConfigError`` naming the option for every bad value (the CLI exits 2 on it)."""
 
     def bad(opt: str, why: str):
@@ -143,6 +144,11 @@ def _check_options(kind: str, *, split: str, max_examples, k: int, eps, num_samp
         bad("resamples", f"must be 0 or an integer >= 2, got {data_resamples!r}")
     if int(num_pairs) != num_pairs or num_pairs < 2:
         bad("pairs", f"must be an integer >= 2, got {num_pairs!r}")
+    if threads is not None:
+        from sgdlab.train.config import MAX_THREADS
+
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            bad("threads", f"must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
     b_small, b_big = noise_batch_sizes
     if not 1 <= b_small < b_big:
         bad("noise-batch-sizes", f"must be B_SMALL,B_BIG with 1 <= B_SMALL < B_BIG, got {b_small},{b_big}")
@@ -174,6 +180,8 @@ def main(
     noise_batch_sizes: tuple[int, int] = (16, 256),
     num_pairs: int = 200,
     quiet: bool = True,
+    threads: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Run one diagnostic on one run directory (two for ``interpolate``); returns ``{"kind", "results",
     "written"}`` where ``written`` lists the JSON/PNG files created under ``RUN_DIR/analysis/``.
@@ -186,12 +194,18 @@ def main(
     ``curvature`` ``"hessian"`` or ``"ggn"``, ``data_resamples`` bootstrap error bars over the data.
     ``noise``: the exact per-example noise scale where affordable and the two-batch estimate from
     ``num_pairs`` pairs with a bootstrap interval. Bad options raise a one-line ``ConfigError``.
+
+    ``threads`` (torch CPU threads) defaults to the run's own ``threads`` setting, applied as
+    :func:`sgdlab.train.run` applies it (``auto``: one thread below 2 million parameters, see
+    :func:`sgdlab.train.build.auto_threads`); the previous thread count is restored at the end.
+    ``progress(done, total, stage)`` is called before each stage of the computation.
     """
     if kind not in KINDS:
         raise ConfigError(f"analyze: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     _check_options(kind, split=split, max_examples=max_examples, k=k, eps=eps, num_samples=num_samples,
                    trace_method=trace_method, blocks=blocks, curvature=curvature, data_resamples=data_resamples,
-                   num_pairs=num_pairs, noise_batch_sizes=noise_batch_sizes, batch_size=batch_size, seed=seed)
+                   num_pairs=num_pairs, noise_batch_sizes=noise_batch_sizes, batch_size=batch_size, seed=seed,
+                   threads=threads)
     dirs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(d) for d in run_dirs]
     need = 2 if kind == "interpolate" else 1
     if len(dirs) != need:
@@ -211,7 +225,59 @@ def main(
                 if not (d / f).is_file():
                     raise ConfigError(f"analyze {kind}: {d} is not a finished run directory (no {f})")
     runs = [loader(d) for d in dirs]
+    cfg, model, _ = runs[0]
+    previous_threads = torch.get_num_threads()
+    count = _thread_count(threads, cfg, model)
+    torch.set_num_threads(count)
+    try:
+        with _blas_threads(count):
+            return _analyse(kind, dirs, runs, progress=progress, loss_fn=loss_fn, seed=seed,
+                            max_examples=max_examples, batch_size=batch_size, split=split, eps=eps,
+                            subspace_dim=subspace_dim, max_iter=max_iter, k=k, num_samples=num_samples,
+                            trace_method=trace_method, blocks=blocks, curvature=curvature,
+                            data_resamples=data_resamples, num_vectors=num_vectors, num_steps=num_steps,
+                            alphas=alphas, paths=paths, noise_batch_sizes=noise_batch_sizes, num_pairs=num_pairs,
+                            quiet=quiet)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _blas_threads(count: int):
+    """numpy's and scipy's BLAS thread pools limited to ``count`` too, as ``OMP_NUM_THREADS`` would: the small
+    dense problems of Lanczos and SLQ gain nothing from threads, and OpenBLAS threads spin while they wait for
+    a busy core. A no-op where threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=count, user_api="blas")
+
+
+def _thread_count(threads: int | None, cfg: Any, model: torch.nn.Module) -> int:
+    """``threads``, else the run's ``threads`` setting with ``auto`` resolved as the engine resolves it."""
+    from sgdlab.train.build import auto_threads
+
+    wanted = threads if threads is not None else _get(cfg, "threads", default="auto")
+    if wanted == "auto" or isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        return auto_threads(sum(p.numel() for p in model.parameters()))
+    return wanted
+
+
+def _analyse(kind: str, dirs: list[Path], runs: list, *, progress, loss_fn, seed, max_examples, batch_size, split,
+             eps, subspace_dim, max_iter, k, num_samples, trace_method, blocks, curvature, data_resamples,
+             num_vectors, num_steps, alphas, paths, noise_batch_sizes, num_pairs, quiet) -> dict:
+    """The computation of :func:`main` once its options are checked and the runs loaded."""
     cfg, model, ds = runs[0]
+    stages = {"sharpness": len(eps) * (2 if subspace_dim else 1), "hessian": 3 + bool(blocks),
+              "interpolate": len(paths), "noise": 2}[kind]
+    done = 0
+
+    def stage(name: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(done, stages, name)
+        done += 1
+
     xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
     train = _subset(xs, ys, max_examples, batch_size, seed)
     for d, (_, m, _) in zip(dirs, runs):
@@ -228,6 +294,7 @@ def main(
     if kind == "sharpness":
         rows = []
         for e in eps:
+            stage(f"sharpness eps={e:g}, full space")
             row = {
                 "eps": float(e),
                 "full_space": analysis.model_sharpness(
@@ -235,6 +302,7 @@ def main(
                 ),
             }
             if subspace_dim:
+                stage(f"sharpness eps={e:g}, {subspace_dim}-dim random subspace")
                 row["subspace_dim"] = int(subspace_dim)
                 row["random_subspace"] = analysis.model_sharpness(
                     model, loss_fn, train, eps=e, max_iter=max_iter, subspace_dim=subspace_dim, seed=seed
@@ -242,11 +310,14 @@ def main(
             rows.append(row)
         results["sharpness"] = rows
     elif kind == "hessian":
+        stage(f"top {k} eigenvalues (Lanczos)")
         eig = analysis.hessian_eigen(model, loss_fn, train, k=k, seed=seed, curvature=curvature,
                                      data_resamples=data_resamples)
+        stage(f"trace ({trace_method}, {num_samples} products)")
         tr = analysis.hessian_trace_estimate(model, loss_fn, train, num_samples=num_samples, seed=seed,
                                              method=trace_method, curvature=curvature,
                                              data_resamples=data_resamples)
+        stage(f"spectral density (SLQ, {num_vectors} vectors)")
         sd = analysis.spectral_density(
             model, loss_fn, train, num_vectors=num_vectors, num_steps=num_steps, seed=seed, curvature=curvature
         )
@@ -255,6 +326,7 @@ def main(
         results.update(curvature=curvature, eigenvalues=eig.as_dict(), trace=trace_row,
                        spectral_density=sd.as_dict())
         if blocks:
+            stage(f"per-block table ({blocks})")
             table = analysis.curvature_blocks(
                 model, loss_fn, train, blocks=blocks, curvature=curvature, k=1, trace_method=trace_method,
                 num_matvecs=num_samples, seed=seed, data_resamples=data_resamples, include_total=False,
@@ -268,6 +340,7 @@ def main(
         test = _subset(ds.test_x, ds.test_y, None, batch_size, seed)
         results["paths"] = {}
         for path in paths:
+            stage(f"interpolation along the {path} path")
             tr_res = analysis.interpolate(model, model_b, loss_fn, train, alphas=alphas, curve=path)
             te_res = analysis.interpolate(model, model_b, loss_fn, test, alphas=alphas, curve=path)
             results["paths"][path] = {"train": tr_res, "test": te_res}
@@ -296,19 +369,13 @@ def main(
             "num_samples": n,
             "g": analysis.sgd_noise_scale(lr, n, min(b, n), momentum),
         }
+        stage("gradient noise scale, per-example")
         exact_batches = _subset(xs, ys, max_examples, min(batch_size, 256), seed)
-        results["gradient_noise_scale"] = {
-            "exact": analysis.gradient_noise_stats(model, loss_fn, exact_batches, method="auto"),
-            "two_batch": analysis.gradient_noise_stats(
-                model,
-                loss_fn,
-                train,
-                method="two_batch",
-                batch_sizes=noise_batch_sizes,
-                num_pairs=num_pairs,
-                seed=seed,
-            ),
-        }
+        exact = analysis.gradient_noise_stats(model, loss_fn, exact_batches, method="auto")
+        stage(f"gradient noise scale, two-batch estimate ({num_pairs} pairs)")
+        two_batch = analysis.gradient_noise_stats(model, loss_fn, train, method="two_batch",
+                                                  batch_sizes=noise_batch_sizes, num_pairs=num_pairs, seed=seed)
+        results["gradient_noise_scale"] = {"exact": exact, "two_batch": two_batch}
     results["seconds"] = time.perf_counter() - t0
     _write(out_dir, kind, results, written)
     if not quiet:
@@ -348,11 +415,14 @@ def format_results(result: dict) -> str:
         if "blocks" in r:
             b = r["blocks"]
             lines.append(f"  per block ({len(b['blocks'])} blocks, trace sum {b['sum_of_block_traces']:.6g}):")
-            lines.append(f"    {'block':24s} {'params':>8s} {'trace':>12s} {'+-':>9s} {'top eig':>12s} "
-                         f"{'residual':>9s}")
-            for row in b["blocks"]:
+            titles = [f"{row['block']} ({row['module']})" if row.get("module") else row["block"]
+                      for row in b["blocks"]]
+            width = max([24, *map(len, titles)])
+            lines.append(f"    {'block (module path)':{width}s} {'params':>8s} {'trace':>12s} {'+-':>9s} "
+                         f"{'top eig':>12s} {'residual':>9s}")
+            for title, row in zip(titles, b["blocks"]):
                 t, e = row["trace"], row["top_eigenvalues"]
-                lines.append(f"    {row['block'][:24]:24s} {row['num_params']:8d} {t['value']:12.6g} "
+                lines.append(f"    {title:{width}s} {row['num_params']:8d} {t['value']:12.6g} "
                              f"{t['stderr']:9.2g} {e['values'][0]:12.6g} {e['residuals'][0]:9.2g}")
     elif kind == "interpolate":
         for path, res in r["paths"].items():

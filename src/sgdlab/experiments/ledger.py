@@ -126,7 +126,8 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
             d = ctx.pop("dir")
             proto = protos[name]
             payload = {"study": name, "title": proto.title, "claim": proto.claim, "citation": proto.citation,
-                       "regime": proto.regime, **ctx, "alpha": alpha,
+                       "regime": proto.regime_that_ran(True) if ctx.get("quick") else proto.regime, **ctx,
+                       "alpha": alpha,
                        "holm_over": sorted(protos) if len(protos) > 1 else [name],
                        "seeds": {"final": proto.seeds.final, "pilot": proto.seeds.pilot},
                        "version": proto.version, "earlier_runs": r["earlier_runs"],
@@ -328,7 +329,7 @@ def study_markdown(proto: Protocol, payload: dict) -> str:
     """A study's ``report.md``: claim, regime, protocol hash and commit, verdicts, ladders, selections."""
     lines = [f"# Study `{proto.name}`: {proto.title}", "",
              f"Claim (paper's words): {proto.claim}", "", f"Source: {proto.citation}", "",
-             f"Regime: {proto.regime}", "",
+             f"Regime: {payload.get('regime') or proto.regime}", "",
              f"Protocol SHA-256 `{payload['protocol_sha256']}`; code commit `{payload.get('commit', 'unknown')}`"
              + (f" (checkout at the end: `{payload['commit_at_end']}`)" if payload.get("commit_at_end") else "")
              + "; "

@@ -322,6 +322,21 @@ class Protocol(_Strict):
                     raise ValueError(f"select.{name}: ladder key {sel.ladder.key!r} is not a number set by arm {bad[0]!r}")
         return self
 
+    def regime_that_ran(self, quick: bool = False) -> str:
+        """The regime the trials ran in, one line: :attr:`regime`, or in quick mode the quick settings
+        (``quick.set``, the arms' own quick settings, the seeds and arms) followed by the protocol's regime
+        they shorten, so that a pilot never reads as if it had run the full protocol."""
+        regime = " ".join(self.regime.split()).rstrip(". ")
+        if not quick:
+            return regime
+        sets = [f"{k}={v}" for k, v in self.quick.set.items()]
+        sets += [f"{a.label or 'an arm'}: {', '.join(f'{k}={v}' for k, v in a.quick.items())}"
+                 for a in self.arms if a.quick]
+        seeds = self.quick.seeds or self.seeds.pilot or []
+        ran = "; ".join(filter(None, ["; ".join(sets), f"seeds {', '.join(map(str, seeds))}" if seeds else "",
+                                      f"arms {', '.join(self.quick.arms)}" if self.quick.arms else ""]))
+        return f"quick mode ({ran or 'the protocol settings'}), a pilot of the protocol's regime: {regime}"
+
     def arm_list(self, quick: bool = False) -> list[tuple[str, dict]]:
         """``(label, overrides)`` of every arm; in quick mode ``quick.set`` first, the arm's ``quick`` last."""
         out = []

@@ -221,7 +221,9 @@ def curves_figure(trials: list[dict], y: str, x: str, path: Path, *, title: str 
         grid, ys = c
         med = np.median(ys, axis=0)
         plotted.extend(np.asarray(ys).ravel().tolist())
-        line, = ax.plot(grid, med, label=f"{label} (n={len(ys)})" if len(ys) > 1 else label)
+        # a series of one point (a one-epoch run's test error) is invisible as a line: draw it as a marker
+        line, = ax.plot(grid, med, label=f"{label} (n={len(ys)})" if len(ys) > 1 else label,
+                        marker="o" if len(grid) == 1 else None)
         if len(ys) > 1:
             q1, q3 = np.quantile(ys, [0.25, 0.75], axis=0)
             ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.2, linewidth=0)

@@ -399,7 +399,8 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
                        "unreached": unreached, "trials": counted,
                        "unbracketed": unbracketed, "edge_fits": edges, "fits": fits,
                        "matched": _matched(proto, c, table, pilot, arms) if arms else None,
-                       "floor": _floor(proto, c, table, pilot, arms) if arms else None})
+                       "floor": _floor(proto, c, table, pilot, arms) if arms else None,
+                       "regime": proto.regime_that_ran(quick)})  # the regime that ran (quick mode says so)
     return {"claims": claims, "selection": chosen}
 
 
@@ -474,7 +475,7 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
             c.update(decision_low=low, decision_high=high, outcome=d.outcome, qualifier=d.qualifier,
                      verdict=label, seeds_needed=d.seeds_needed, note=d.note, flags=flags)
             unreached, counted = c.get("unreached", 0), c.get("trials", 0)
-            c["text"] = (f"In regime {proto.regime.rstrip('. ')}: {c['claim']}: {label} (estimate {c['estimate']:+.4g}, "
+            c["text"] = (f"In regime {c.get('regime') or proto.regime.rstrip('. ')}: {c['claim']}: {label} (estimate {c['estimate']:+.4g}, "
                          f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}"
                          + (f", predicted {c['predicted']:g}" if c.get("predicted") is not None else "")
                          + f", {c['n']} seeds"

@@ -339,6 +339,23 @@ def _fields_at(loc: tuple) -> list[str]:
 
 _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
 
+# Names other libraries use for our keys, which string similarity does not find (learning_rate -> lr).
+_SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay", "bs": "batch_size",
+             "batchsize": "batch_size", "nesterov_momentum": "nesterov", "clip": "grad_clip",
+             "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip", "gradient_clip_val": "grad_clip"}
+
+# The end of an unknown-name error for the registries a user's module can extend.
+_IMPORT_HINT = ("; one of your own is registered in a module loaded with --import MODULE or 'imports: [MODULE]' "
+                "(docs/custom.md)")
+
+
+def _close_key(name: str, valid: list[str]) -> str | None:
+    """The valid key a mistyped ``name`` most likely means: a known synonym, else the closest spelling."""
+    if _SYNONYMS.get(name.lower()) in valid:
+        return _SYNONYMS[name.lower()]
+    close = difflib.get_close_matches(name, valid, n=1)
+    return close[0] if close else None
+
 
 def _raw_at(raw: Any, loc: tuple) -> Any:
     for part in loc:
@@ -377,8 +394,8 @@ def _format_validation(err: ValidationError, raw: dict | None = None) -> str:
             continue
         key = ".".join(loc)
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
-            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+            close = _close_key(str(loc[-1]), _fields_at(loc[:-1]))
+            hint = f" (did you mean '{'.'.join(loc[:-1] + (close,))}'?)" if close else ""
             lines.append(f"unknown key '{key}'{hint}")
         else:
             got = e.get("input")
@@ -436,8 +453,8 @@ def _check_kwargs(section: str, extras: dict, fn, skip: tuple = (), through_retu
     valid = list(options)
     for k in extras:
         if k not in valid:
-            close = difflib.get_close_matches(k, valid, n=1)
-            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            close = _close_key(k, valid + _fields_at((section,)))
+            hint = f" (did you mean '{section}.{close}'?)" if close else ""
             raise ConfigError(f"unknown key '{section}.{k}'{hint}")
 
 
@@ -450,12 +467,13 @@ def _check_semantics(cfg: Config) -> None:
     try:
         builder = model_registry._entry(cfg.model.name).builder
     except ValueError as e:
-        raise ConfigError(f"model.name: {e}") from None
+        raise ConfigError(f"model.name: {e}" + (_IMPORT_HINT if "unknown model" in str(e) else "")) from None
     _check_kwargs("model", cfg.model.extras(), builder, skip=("num_classes",))
     if cfg.data.name not in data.names():
         close = difflib.get_close_matches(cfg.data.name, data.names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}{hint}; known: {', '.join(data.names())}")
+        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}{hint}; known: {', '.join(data.names())}"
+                          + _IMPORT_HINT)
     from ..data.datasets import _builder
 
     _check_kwargs("data", cfg.data.extras(), _builder(cfg.data.name))
@@ -463,7 +481,7 @@ def _check_semantics(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.sampler.name, sampling.names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"sampler.name: unknown sampler {cfg.sampler.name!r}{hint}; "
-                          f"known: {', '.join(sampling.names())}")
+                          f"known: {', '.join(sampling.names())}" + _IMPORT_HINT)
     _check_kwargs("sampler", cfg.sampler.extras(), sampling_base._REGISTRY[cfg.sampler.name], skip=("ctx",),
                   through_return=True)
     from ..regularize import base as reg_base

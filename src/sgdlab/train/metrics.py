@@ -76,7 +76,7 @@ class MetricsLog:
             return
         row = guard.finite_json(row)
         self.rows.append(row)
-        self.fh.write(json_line(row))
+        self.fh.write(json.dumps(row, allow_nan=False) + "\n")
         self.fh.flush()
         if self.writer is not None:
             for k, v in row.items():
