@@ -71,9 +71,11 @@ def test_every_public_module_has_an_api_page_and_every_page_is_in_the_nav():
     public = ["sgdlab.sampling", "sgdlab.regularize", "sgdlab.analysis", "sgdlab.data", "sgdlab.models",
               "sgdlab.schedules", "sgdlab.train", "sgdlab.errors", "sgdlab.train.build", "sgdlab.train.config",
               "sgdlab.train.state", "sgdlab.train.metrics", "sgdlab.train.distributed", "sgdlab.train.guard", "sgdlab.integrations.lightning",
-              "sgdlab.integrations.accelerate"]
+              "sgdlab.integrations.accelerate", "sgdlab.integrations.transformers", "sgdlab.integrations.monitors_hf",
+              "sgdlab.monitors", "sgdlab.keyed", "sgdlab.files", "sgdlab.seeding", "sgdlab.train.budget",
+              "sgdlab.train.monitoring"]
     public += [f"sgdlab.experiments.{m}" for m in ("sweep", "report", "studies", "protocol", "stats", "ledger",
-                                                    "aggregate", "analyze")]
+                                                    "aggregate", "analyze", "verdicts", "trials")]
     missing = [m for m in public if m not in documented]
     assert not missing, f"no API page for {missing}"
     packages = {p.parent.name for p in (ROOT / "src" / "sgdlab").glob("*/__init__.py")}
