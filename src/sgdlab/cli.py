@@ -79,9 +79,11 @@ def _cmd_analyze(args) -> int:
         "noise_batch_sizes": args.noise_batch_sizes, "batch_size": args.batch_size, "threads": args.threads,
     }.items() if v is not None}
     where = ", ".join(str(d) for d in args.run_dirs)
+    console = Console(stderr=True)
+    # progress on a terminal only: redirected or captured stderr keeps just the one-line errors
     bar = Progress(SpinnerColumn(), TextColumn(f"analyze {args.kind} {where}:"), TextColumn("{task.description}"),
                    BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=console, transient=True, disable=not console.is_terminal)
     task = bar.add_task("loading", total=None)
 
     def progress(done: int, total: int, stage: str) -> None:
