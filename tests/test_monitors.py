@@ -62,7 +62,7 @@ def test_stability_threshold_closed_forms():
 def test_sharpness_agrees_with_hessian_eigenvalues_and_warm_start_saves_products():
     model = _mlp(d=8, h=16, k=3)
     x, y = _eos_data(n=64, d=8, k=3)
-    mon = Sharpness(every=1, probe=(x, y), max_iter=60, tol=1e-10)
+    mon = Sharpness(every=1, probe=(x, y), max_iter=60, warm_iter=None, tol=1e-10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     out = mon(model, F.mse_loss, None, opt, step=1)
     ref = float(hessian_eigenvalues(model, F.mse_loss, (x, y), k=1, tol=1e-10, max_iter=200)[0])
@@ -80,6 +80,46 @@ def test_sharpness_agrees_with_hessian_eigenvalues_and_warm_start_saves_products
     assert warm["sharpness"] == pytest.approx(ref2, rel=1e-6)
     assert warm["sharpness_matvecs"] < cold
     assert mon(model, F.mse_loss, None, opt, step=3) != {} and Sharpness(every=2)(model, F.mse_loss, (x, y), opt, 3) == {}
+
+
+def test_sharpness_warm_checks_are_capped_and_cold_checks_restart():
+    """A warm check spends at most ``warm_iter`` products; ``warm=False`` solves every check from scratch."""
+    model = _mlp(d=8, h=16, k=3)
+    x, y = _eos_data(n=64, d=8, k=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    capped = Sharpness(every=1, probe=(x, y), max_iter=60, warm_iter=2, tol=1e-10)
+    cold = Sharpness(every=1, probe=(x, y), max_iter=60, warm=False, tol=1e-10)
+    first = capped(model, F.mse_loss, None, opt, step=1)
+    assert first["sharpness_matvecs"] > 2  # the cold first check converges to tol with max_iter
+    for step in (2, 3):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        ref = float(hessian_eigenvalues(model, F.mse_loss, (x, y), k=1, tol=1e-10, max_iter=200)[0])
+        a = capped(model, F.mse_loss, None, opt, step=step)
+        b = cold(model, F.mse_loss, None, opt, step=step)
+        assert a["sharpness_matvecs"] == 2.0
+        assert a["sharpness"] <= ref * (1 + 1e-9)  # Ritz values approach the top eigenvalue from below
+        assert b["sharpness"] == pytest.approx(ref, rel=1e-7) and b["sharpness_matvecs"] > 2
+    with pytest.raises(ValueError, match="warm_iter"):
+        Sharpness(warm_iter=1)
+    with pytest.raises(ValueError, match="warm must"):
+        Sharpness(warm="no")
+
+
+def test_engine_sharpness_probe_defaults_to_the_batch_size():
+    from sgdlab.train.config import load_config
+    from sgdlab.train.engine import build_dataset
+    from sgdlab.train.monitoring import build_monitors
+
+    sizes = []
+    for mon in ({"name": "sharpness", "every": 10}, {"name": "sharpness", "every": 10, "probe": 300}):
+        cfg = load_config({"data": {"name": "synthetic", "num_samples": 400, "num_test": 100},
+                           "sampler": {"name": "epoch", "batch_size": 48}, "monitors": [mon]})
+        (built,) = build_monitors(cfg, build_dataset(cfg), torch.device("cpu"), F.cross_entropy).set
+        sizes.append(built.probe[0].shape[0])
+        assert built.warm_iter == built.max_iter == 20
+    assert sizes == [48, 300]
 
 
 def _gd_eos(lr=2.0, steps=800, every=10, momentum=0.0):
@@ -255,7 +295,8 @@ def test_lightning_callback_logs_the_monitors(tmp_path):
         def log_metrics(self, metrics, step=None):
             seen.append((step, dict(metrics)))
 
-    cb = MonitorCallback([Sharpness(every=3, probe=(x, y), max_iter=60, tol=1e-10), Norms(every=3)], F.mse_loss)
+    cb = MonitorCallback([Sharpness(every=3, probe=(x, y), max_iter=60, warm_iter=None, tol=1e-10), Norms(every=3)],
+                         F.mse_loss)
     model = M()
     trainer = pl.Trainer(accelerator="cpu", max_steps=6, callbacks=[cb], logger=Logger(), enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
@@ -291,7 +332,7 @@ def test_transformers_callback_logs_through_the_trainer(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     with pytest.raises(ValueError, match="probe"):
         MonitorCallback([Sharpness(every=2)], F.mse_loss)
-    MonitorCallback([Sharpness(every=2, max_iter=60, tol=1e-10), Norms(every=2)], F.mse_loss,
+    MonitorCallback([Sharpness(every=2, max_iter=60, warm_iter=None, tol=1e-10), Norms(every=2)], F.mse_loss,
                     probe=(x, y)).attach(trainer)
     trainer.train()
     logged = [r for r in trainer.state.log_history if "sharpness" in r]
@@ -310,7 +351,8 @@ def _cfg(steps=60, monitors=True, **log):
          "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "eval": {"every": 0},
          "checkpoint": {"every": 30}, "log": {"every": 10, "progress": False, **log}}
     if monitors:
-        c["monitors"] = [{"name": "sharpness", "every": 20, "probe": 200, "tol": 1e-8, "max_iter": 60},
+        c["monitors"] = [{"name": "sharpness", "every": 20, "probe": 200, "tol": 1e-8, "max_iter": 60,
+                          "warm_iter": None},
                          {"name": "noise_scale", "every": 20}, {"name": "norms", "every": 30}]
     return c
 
@@ -407,3 +449,22 @@ def test_monitors_import_no_engine_layer():
             "'sgdlab.experiments', 'sgdlab.cli', 'sgdlab.integrations'))]; print(bad); assert not bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_benchmark_accuracy_replay_compares_against_converged_solves():
+    """benchmarks/monitors.py's accuracy replay: the default monitor matches the converged reference along
+    a short cnn1d run, and a 2-product cap reads at or below it (Ritz values approach from below)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "monitors.py"
+    spec = importlib.util.spec_from_file_location("bench_monitors", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_variant("default") == {} and bench.parse_variant("warm_iter=3,probe=64") == {
+        "warm_iter": 3, "probe": 64}
+    exact = bench.accuracy({"warm_iter": None, "tol": 1e-7, "max_iter": 150}, steps=120, every=40, seed=0)
+    capped = bench.accuracy({"warm_iter": 2}, steps=120, every=40, seed=0)
+    assert len(exact) == len(capped) == 2  # checks at 80 and 120; the first (cold) one is left out
+    assert max(abs(e) for e in exact) < 1e-5
+    assert all(e <= 1e-6 for e in capped)

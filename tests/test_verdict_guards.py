@@ -68,6 +68,7 @@ def _final(best):
     ({"lr=0.01": 1.0, "lr=0.1": 0.5, "lr=1.0": 0.2}, "lr=1.0", False),   # best at the grid's top
     ({"lr=0.01": 0.2, "lr=0.1": 0.5, "lr=1.0": 0.9}, "lr=0.01", False),  # best at the grid's bottom
     ({"lr=0.01": 1.0, "lr=0.1": 0.2, "lr=1.0": 0.9}, "lr=0.1", True),    # interior: decided
+    ({"lr=0.01": 1.0, "lr=0.1": 0.2, "lr=1.0": 0.2}, "lr=0.1", False),   # interior, tied with the top
 ])
 def test_a_selection_at_the_grid_edge_is_not_bracketed(tmp_path, pilot_losses, best, bracketed):
     proto = _proto(tmp_path, LR_GRID)
@@ -363,6 +364,31 @@ def test_history_keeps_superseded_runs_and_the_ledger_counts_them(tmp_path, caps
     (d / "history" / "03.json").write_text("{}")
     with pytest.raises(ConfigError, match="03.json: a history entry needs 'replaced_because'"):
         ledger.history(d)
+
+
+def test_amendments_read_only_their_own_run_and_leave_with_it(tmp_path, capsys):
+    d = _study(tmp_path)
+    root = tmp_path / "results"
+    sha = protocol.load_protocol(d / "protocol.yaml")[2]
+    body = "reason: the check was misspecified\nclaims:\n  x: {misspecified: read in eval mode}\n"
+    (d / "amendments.yaml").write_text(body)  # no hash: refused
+    _recompute_fails(tmp_path, capsys, "protocol_sha256 must be the hash of the run it reads")
+    (d / "amendments.yaml").write_text(f"protocol_sha256: {'0' * 64}\n" + body)  # another run's
+    _recompute_fails(tmp_path, capsys, "amendments of an earlier run belong in history/")
+    (d / "amendments.yaml").write_text(f"protocol_sha256: {sha}\n" + body)
+    assert main(["ledger", "--results", str(root), "--recompute"]) == 0
+    assert ledger.load(root)[0]["post_hoc"] == ["misspecified"]
+    (d / "pilot.csv").write_text("arm,seed,status,test_error\n")
+    path = ledger.archive(d, "a new design")
+    assert not (d / "amendments.yaml").exists() and not (d / "pilot.csv").exists()
+    assert json.loads(path.read_text())["amendments"] == "01-amendments.yaml"
+    assert (d / "history" / "01-amendments.yaml").read_text().endswith(body)
+    assert (d / "history" / "01-pilot.csv").is_file()
+    assert main(["ledger", "--results", str(root), "--recompute"]) == 0
+    assert "post_hoc" not in ledger.load(root)[0]
+    capsys.readouterr()
+    assert main(["ledger", "--results", str(root), "--history"]) == 0
+    assert "post-hoc readings (`history/01-amendments.yaml`)" in capsys.readouterr().out
 
 
 def test_a_revised_protocol_version_is_named(tmp_path):

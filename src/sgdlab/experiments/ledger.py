@@ -100,7 +100,7 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
         elif proto.select and not quick:
             raise ConfigError(f"{d / 'pilot.csv'}: missing; {proto.name}'s selections "
                               f"({', '.join(proto.select)}) are made on the pilot seeds, never on the final ones")
-        proto, amend = _amend(proto, d)
+        proto, amend = _amend(proto, d, sha)
         protos[proto.name] = proto
         results[proto.name] = verdicts_from_tables(proto, read_table(d / "trials.csv", proto, final_seeds), pilot,
                                                    quick=quick)
@@ -140,13 +140,15 @@ def refresh(root, only: Sequence[Path] | None = None, *, write: bool = True) -> 
 _AMENDABLE = ("predicted", "matched", "floor", "misspecified")
 
 
-def _amend(proto: Protocol, d: Path) -> tuple[Protocol, dict | None]:
+def _amend(proto: Protocol, d: Path, ran: str) -> tuple[Protocol, dict | None]:
     """Apply ``d/amendments.yaml``: post-hoc readings of a run's committed tables under the verdict guards,
     added after the run (so never part of its pre-registered protocol, whose hash stays what ran).
 
-    The file holds ``reason`` and ``claims: {id: {predicted | matched | floor | misspecified}}``; every
-    amended verdict is flagged "post-hoc" in the ledger, and ``misspecified`` (a sentence) marks a check or
-    claim whose registered form cannot test what it names."""
+    The file holds ``protocol_sha256`` (the hash of the run it reads: a later run's tables are never read
+    with an earlier run's amendments), ``reason`` and ``claims: {id: {predicted | matched | floor |
+    misspecified}}``; every amended verdict is flagged "post-hoc" in the ledger, and ``misspecified`` (a
+    sentence) marks a check or claim whose registered form cannot test what it names. A new full run moves
+    the file to ``history/`` with the run it read (:func:`archive`)."""
     import hashlib
 
     import yaml
@@ -163,7 +165,12 @@ def _amend(proto: Protocol, d: Path) -> tuple[Protocol, dict | None]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("reason"), str) or not isinstance(raw.get("claims"), dict):
-        raise ConfigError(f"{path}: expected a mapping with 'reason' (text) and 'claims' (id -> fields)")
+        raise ConfigError(f"{path}: expected a mapping with 'protocol_sha256', 'reason' (text) and 'claims' "
+                          "(id -> fields)")
+    if raw.get("protocol_sha256") != ran:
+        raise ConfigError(f"{path}: protocol_sha256 must be the hash of the run it reads ({ran[:12]}... in "
+                          f"{d / 'protocol.yaml'}), got {str(raw.get('protocol_sha256'))[:12]!r}; amendments of an "
+                          "earlier run belong in history/ beside it")
     ids = {c.id: c for c in proto.claims}
     claims = []
     for cid, patch in raw["claims"].items():
@@ -228,7 +235,17 @@ def archive(study_dir, reason: str, *, replaced_by: str | None = None) -> Path |
     d = study_dir / "history"
     d.mkdir(exist_ok=True)
     path = d / f"{entry['run']:02d}.json"
+    amend = study_dir / "amendments.yaml"
+    if amend.is_file():  # post-hoc readings belong to the run they read: they leave with it
+        kept = d / f"{entry['run']:02d}-amendments.yaml"
+        write_text(kept, amend.read_text())
+        entry["amendments"] = kept.name
     write_text(path, _dump(entry))
+    if amend.is_file():
+        amend.unlink()
+    stale_pilot = study_dir / "pilot.csv"
+    if stale_pilot.is_file():  # the new run writes its own pilot table if it has one
+        stale_pilot.rename(d / f"{entry['run']:02d}-pilot.csv")
     return path
 
 
@@ -243,6 +260,8 @@ def history_markdown(root) -> str:
             what = r.get("design") or f"protocol v{r.get('version') or 1}"
             lines += ["", f"### run {r['run']}: {what} (protocol hash {sha}, commit "
                           f"{(r.get('commit') or 'unknown')[:12]})", "", f"Replaced because: {r['replaced_because']}", ""]
+            if r.get("amendments"):
+                lines += [f"Its verdicts include post-hoc readings (`history/{r['amendments']}`).", ""]
             rows = [[v.get("claim") or v.get("id") or "", _num(v.get("estimate")),
                      f"[{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]", str(v.get("n") or ""),
                      v.get("verdict") or ""] for v in r["verdicts"]]

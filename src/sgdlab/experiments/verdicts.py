@@ -205,8 +205,8 @@ def select_arms(proto: Protocol, pilot: list[dict], quick: bool = False) -> dict
     """Each selection's chosen arm: the best mean of its metric over the pilot seeds (ties: first listed).
 
     A candidate whose mean is not finite (a diverged trial of a metric without a worst value) never
-    wins. For ordered candidates the choice records ``edge`` ("low"/"high" when it is the first or last
-    point of the grid, ladder rungs included) and ``bracketed``. In quick mode a selection without
+    wins. For ordered candidates the choice records ``edge`` ("low"/"high" when it, or a candidate tied
+    with it, is the first or last point of the grid, ladder rungs included) and ``bracketed``. In quick mode a selection without
     candidates among the arms run is left out."""
     chosen = {}
     run = {r["arm"] for r in pilot}
@@ -224,7 +224,9 @@ def select_arms(proto: Protocol, pilot: list[dict], quick: bool = False) -> dict
         ran = [a for a in seq if a in means]
         edge = None
         if sel.is_ordered and len(ran) > 2:
-            edge = "low" if best == ran[0] else "high" if best == ran[-1] else None
+            # a candidate tied with the best counts too: a tie with the grid's end does not bracket the optimum
+            tied = [a for a in ran if a in finite and finite[a] == finite[best]]
+            edge = "low" if ran[0] in tied else "high" if ran[-1] in tied else None
         chosen[name] = {"arm": best, "metric": sel.metric, "pilot_means": means, "ordered": sel.is_ordered,
                         "edge": edge, "bracketed": edge is None,
                         "diverged": {a: n for a, n in div.items() if n}}

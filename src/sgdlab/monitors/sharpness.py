@@ -10,7 +10,7 @@ quadratic).
 
 The eigenvalue is tracked by Lanczos (or power iteration) on :class:`sgdlab.analysis.HessianOperator`,
 started from the previous check's eigenvector: the top eigenvector moves little between checks, so a
-few Hessian-vector products per check suffice where a cold start needs tens.
+few Hessian-vector products per check suffice where a cold start needs tens (``warm_iter`` caps them).
 """
 
 from __future__ import annotations
@@ -58,7 +58,16 @@ class Sharpness(Monitor):
         probe: a fixed ``(x, y)`` batch on which the Hessian is taken (recommended; full-batch training
             passes its whole data set); None uses the batch just trained on.
         method: ``"lanczos"`` (largest algebraic eigenvalue, default) or ``"power"`` (largest magnitude).
-        max_iter: products per check at most (Lanczos steps or power iterations).
+        max_iter: products of a cold check at most (the first check, or one whose previous eigenvector
+            does not fit the model): Lanczos steps or power iterations.
+        warm_iter: products of a warm-started check at most (None, the default: ``max_iter``, so a check
+            stops at ``tol``). A cap makes checks cheaper and less accurate: along cnn1d runs
+            (docs/monitors.md, "Cost") the uncapped warm start took 5.4 products a check and matched a
+            converged solve at every check, while ``warm_iter=3`` erred by 0.5% at the median but by more
+            than 5% at one check in six, where a warm start following its eigenvector misses a new,
+            sharper direction; ``sharpness_residual`` shows how far a reading is from an eigenpair.
+        warm: False starts every check cold from a seeded random vector (reference readings, at the cost
+            of ``max_iter`` products a check).
         tol: relative tolerance of :func:`sgdlab.analysis.estimators.top_eigenvalues` on the Lanczos
             residual; the eigenvalue's error is about the squared residual over the spectral gap, so
             ``1e-2`` gives errors of 0.002-0.03% on the models of docs/benchmarks.md ("Hessian eigenvalues").
@@ -68,13 +77,16 @@ class Sharpness(Monitor):
     """
 
     def __init__(self, every: int = 100, *, probe: Batch | None = None, method: str = "lanczos",
-                 max_iter: int = 20, tol: float = 1e-2, lr: float | None = None, momentum: float = 0.0,
-                 nesterov: bool = False, curvature: str = "hessian", seed: int = 0, prefix: str | None = None):
+                 max_iter: int = 20, warm_iter: int | None = None, warm: bool = True, tol: float = 1e-2,
+                 lr: float | None = None, momentum: float = 0.0, nesterov: bool = False,
+                 curvature: str = "hessian", seed: int = 0, prefix: str | None = None):
         super().__init__(every, probe=probe, prefix=prefix)
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 2:
             raise ValueError(f"max_iter must be an integer >= 2, got {max_iter!r}")
+        if warm_iter is not None and (isinstance(warm_iter, bool) or not isinstance(warm_iter, int) or warm_iter < 2):
+            raise ValueError(f"warm_iter must be an integer >= 2 or None (use max_iter), got {warm_iter!r}")
         if not (isinstance(tol, int | float) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
         if lr is not None:
@@ -82,6 +94,10 @@ class Sharpness(Monitor):
         if curvature not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
         self.method, self.max_iter, self.tol = method, max_iter, float(tol)
+        self.warm_iter = max_iter if warm_iter is None else warm_iter
+        if not isinstance(warm, bool):
+            raise ValueError(f"warm must be true or false, got {warm!r}")
+        self.warm = warm
         self.lr, self.momentum, self.nesterov = lr, float(momentum), bool(nesterov)
         self.curvature, self.seed = curvature, int(seed)
         self.vector: torch.Tensor | None = None
@@ -90,8 +106,9 @@ class Sharpness(Monitor):
     def eigen(self, model, loss_fn: LossFn, data: Batch):
         """One warm-started eigen solve on ``data``; returns the :class:`~sgdlab.analysis.EigenResult`."""
         op = curvature_operator(model, loss_fn, data, curvature=self.curvature)
-        v0 = self.vector if self.vector is not None and self.vector.numel() == op.dim else None
-        res = top_eigenvalues(op, k=1, method=self.method, max_iter=self.max_iter, tol=self.tol,
+        v0 = self.vector if self.warm and self.vector is not None and self.vector.numel() == op.dim else None
+        res = top_eigenvalues(op, k=1, method=self.method, tol=self.tol,
+                              max_iter=self.max_iter if v0 is None else self.warm_iter,
                               seed=self.seed + self.checks, return_vectors=True, v0=v0)
         self.checks += 1
         if res.vectors is not None:
@@ -120,4 +137,5 @@ class Sharpness(Monitor):
         self.checks = int(state.get("checks", 0))
 
     def __repr__(self) -> str:
-        return f"Sharpness(every={self.every}, method={self.method!r}, max_iter={self.max_iter})"
+        return (f"Sharpness(every={self.every}, method={self.method!r}, max_iter={self.max_iter}, "
+                f"warm_iter={self.warm_iter})")

@@ -234,8 +234,8 @@ class MonitorConfig(_Open):
     """One entry of ``monitors:``: a :mod:`sgdlab.monitors` name, its period, and its own options.
 
     ``probe`` (sharpness, importance): examples of the training set in the monitor's fixed probe batch,
-    drawn once from the run's seed (default: 1000 for sharpness, the whole training set as the pool of
-    importance); ``0`` makes sharpness use the batch just trained on. noise_scale and norms always
+    drawn once from the run's seed (default: the training batch size for sharpness, the whole training set
+    as the pool of importance); ``0`` makes sharpness use the batch just trained on. noise_scale and norms always
     measure the batch just trained on.
     """
 

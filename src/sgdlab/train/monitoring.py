@@ -22,7 +22,10 @@ from .config import Config, config_to_dict
 
 __all__ = ["RunMonitors", "build_monitors", "mlflow_logger"]
 
-DEFAULT_PROBE = {"sharpness": 1000}
+# sharpness: a fixed probe of the training batch size (``"batch"``): its Hessian-vector products then cost
+# about as much as a training step each, so a warm-started check every 100 steps stays near 5% of the
+# training time (docs/monitors.md, "Cost"); larger probes measure the data loss more closely, at their cost
+DEFAULT_PROBE = {"sharpness": "batch"}
 
 
 class RunMonitors:
@@ -69,6 +72,8 @@ def build_monitors(cfg: Config, ds, device: torch.device, loss_fn, *, seed: int 
     for i, m in enumerate(cfg.monitors):
         opts = m.extras()
         size = m.probe if m.probe is not None else DEFAULT_PROBE.get(m.name)
+        if size == "batch":
+            size = int(batch_size or cfg.sampler.batch_size)
         probe = None
         if m.name == "importance":
             pool = n if not size else min(size, n)
