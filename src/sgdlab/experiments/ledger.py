@@ -235,17 +235,16 @@ def archive(study_dir, reason: str, *, replaced_by: str | None = None) -> Path |
     d = study_dir / "history"
     d.mkdir(exist_ok=True)
     path = d / f"{entry['run']:02d}.json"
-    amend = study_dir / "amendments.yaml"
-    if amend.is_file():  # post-hoc readings belong to the run they read: they leave with it
-        kept = d / f"{entry['run']:02d}-amendments.yaml"
-        write_text(kept, amend.read_text())
-        entry["amendments"] = kept.name
+    # the run's post-hoc readings and its pilot table belong to it: they leave with it (their contents are
+    # copied by the link-safe writer, never renamed, so a link in results/ cannot carry into history/)
+    moved = [f for f in (study_dir / "amendments.yaml", study_dir / "pilot.csv") if f.is_file()]
+    for f in moved:
+        write_text(d / f"{entry['run']:02d}-{f.name}", f.read_text())
+        if f.name == "amendments.yaml":
+            entry["amendments"] = f"{entry['run']:02d}-{f.name}"
     write_text(path, _dump(entry))
-    if amend.is_file():
-        amend.unlink()
-    stale_pilot = study_dir / "pilot.csv"
-    if stale_pilot.is_file():  # the new run writes its own pilot table if it has one
-        stale_pilot.rename(d / f"{entry['run']:02d}-pilot.csv")
+    for f in moved:
+        f.unlink()
     return path
 
 
