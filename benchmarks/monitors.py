@@ -5,7 +5,8 @@ through ``sgdlab.train.run`` with ``monitors: [{name: sharpness, every: 100, ...
 Each variant is a set of the monitor's options (``default`` is ``{name: sharpness, every: 100}``: a fixed
 probe of the batch size, 100 examples, Lanczos started from the previous check's eigenvector and
 stopped at a residual of 1e-2, at most 20 Hessian-vector products a check; ``warm_iter=3`` caps the
-warm-started checks at 3). Wall-clock time of the whole run (set-up, steps, monitors, the
+warm-started checks at 3; ``background=true`` runs each check in a worker thread on a copy of the
+weights, on the second core when training uses one thread). Wall-clock time of the whole run (set-up, steps, monitors, the
 final evaluation and checkpoint) and the process's CPU time, repeats interleaved (baseline, then each
 variant, then again), so a change in the machine's load hits all of them alike. Prints every repeat's
 ratios, the median with the spread (min-max), the in-run ratio (the engine's monitor clock against its
@@ -17,7 +18,7 @@ monitor beside a converged one on the same probe (``warm=False``: a cold Lanczos
 median, 90th percentile and maximum.
 
     python benchmarks/monitors.py [--steps 2000] [--repeats 3] [--every 100] [--threads 1]
-        [--variants "default;warm_iter=3;probe=1000"] [--accuracy-seeds 3]
+        [--variants "default;warm_iter=3;background=true"] [--accuracy-seeds 3]
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def accuracy(opts: dict, steps: int, every: int, seed: int) -> list[float]:
     gen = torch.Generator().manual_seed(seed + 7919)
     idx = torch.randperm(len(y), generator=gen)[:opts.get("probe", 100)]
     probe = (x[idx], y[idx])
-    kw = {k: v for k, v in opts.items() if k != "probe"}
+    # a background check reads the same numbers as a foreground one (tests/test_monitors.py): replayed in front
+    kw = {k: v for k, v in opts.items() if k not in ("probe", "background")}
     mon = Sharpness(every=every, probe=probe, seed=seed, **kw)
     ref = Sharpness(every=every, probe=probe, seed=seed, warm=False, max_iter=150, tol=1e-7, prefix="ref")
     errors = []
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--variants", default="default;warm_iter=3",
+    ap.add_argument("--variants", default="default;warm_iter=3;background=true",
                     help="';'-separated monitor options, each 'default' or 'key=value,key=value'")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--accuracy-seeds", type=int, default=3, help="seeds of the accuracy replay (0: skip it)")

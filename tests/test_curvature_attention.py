@@ -359,3 +359,27 @@ def test_an_op_without_second_derivative_is_named_with_a_hint():
     op = HessianOperator(Fused(), F.cross_entropy, (x, y))
     with pytest.raises(RuntimeError, match="not implemented.*attn_implementation='eager'"):
         op.matvec(torch.ones(op.dim))
+
+
+def test_attention_flags_are_held_until_the_last_block_closes_in_any_thread():
+    """A background monitor's check and a foreground diagnostic may overlap: the flags are set while any
+    block is open and restored only when the last one closes, whichever thread opened it first."""
+    import threading
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with differentiable_attention():
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    with differentiable_attention():
+        t.start()
+        assert entered.wait(10)
+    # this thread's block closed first; the other thread's is still open
+    assert not torch.backends.mha.get_fastpath_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    release.set()
+    t.join(10)
+    assert torch.backends.mha.get_fastpath_enabled() == fast and torch.backends.cuda.math_sdp_enabled()

@@ -158,6 +158,24 @@ def test_time_budget_and_fraction_schedule(tmp_path):
     assert "test_acc" in rows[-1]
 
 
+
+def test_eval_seconds_evaluates_once_each_time_the_clock_passes_a_grid_point(tmp_path):
+    """``eval.seconds``: a step whose training time first passes a multiple of the interval is evaluated,
+    every other step is not (the end always is); read off the rows' own clock."""
+    import math
+
+    cfg = dict(TINY, duration="150 steps", eval={"every": 0, "seconds": 0.004}, checkpoint={"every": 0},
+               log={"every": 1, "progress": False})
+    train.run(cfg, tmp_path / "t", quiet=True)
+    rows = [json.loads(line) for line in open(tmp_path / "t" / "metrics.jsonl")]
+    interval = [math.floor(r["time"] / 0.004) for r in rows]
+    crossed = [b > a for a, b in zip([0] + interval, interval)]
+    assert [("test_acc" in r) for r in rows[:-1]] == crossed[:-1] and "test_acc" in rows[-1]
+    assert sum(crossed) >= 3  # the grid was passed during the run, not only at its end
+    with pytest.raises(Exception, match="eval.seconds"):
+        train.run(dict(cfg, eval={"seconds": -1}), tmp_path / "bad", quiet=True)
+
+
 def test_init_from_checkpoint_for_fine_tuning(tmp_path):
     train.run(dict(TINY, duration="40 steps"), tmp_path / "src", quiet=True)
     cfg = dict(TINY, duration="10 steps", optim=dict(TINY["optim"], lr=1e-9, momentum=0.0, weight_decay=0.0),

@@ -107,6 +107,80 @@ def test_sharpness_warm_checks_are_capped_and_cold_checks_restart():
         Sharpness(warm="no")
 
 
+
+def _train_with(monitors, steps=20, lr=0.05):
+    """A plain full-batch loop on the small MLP; every reading as (step, scalars), in the order handed out."""
+    model = _mlp(d=8, h=16, k=3)
+    x, y = _eos_data(n=64, d=8, k=3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    ms = MonitorSet(monitors(x, y), loss_fn=F.mse_loss)
+    got, handed = [], []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        out = ms.after_step(model, (x, y), opt, step)
+        if out:
+            got.append((step, out))
+        late = ms.pop_readings()
+        handed.append((step, [s for s, _ in late]))
+        got += late
+    got += ms.pop_readings(wait=True)
+    ms.close()
+    return got, handed, model, (x, y)
+
+
+def test_background_sharpness_reads_the_same_numbers_at_the_steps_it_measured():
+    """``background=True``: each check measures a copy of the weights of its step in a worker thread; the
+    reading equals the foreground one bit for bit, is handed out when the monitor next comes due (whatever
+    the timing) and the last one by ``pop_readings(wait=True)``."""
+    def mons(bg):
+        return lambda x, y: [Sharpness(every=5, probe=(x, y), max_iter=40, tol=1e-6, background=bg)]
+
+    fg, _, model, data = _train_with(mons(False))
+    bg, handed, model_bg, _ = _train_with(mons(True))
+    assert [s for s, _ in bg] == [s for s, _ in fg] == [5, 10, 15, 20]
+    for (_, a), (_, b) in zip(fg, bg):
+        assert {k: v for k, v in b.items() if k != "sharpness_seconds"} == a
+        assert b["sharpness_seconds"] > 0
+    assert [h for h in handed if h[1]] == [(10, [5]), (15, [10]), (20, [15])]  # collected when due again
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_bg.parameters()))
+    ref = float(hessian_eigenvalues(model_bg, F.mse_loss, data, k=1, tol=1e-10, max_iter=200)[0])
+    assert bg[-1][1]["sharpness"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_background_is_refused_where_it_cannot_be_measured_apart():
+    from sgdlab.errors import ConfigError
+    from sgdlab.monitors import Monitor
+    from sgdlab.train.config import load_config
+
+    with pytest.raises(ValueError, match="background: Monitor cannot run its checks in the background"):
+        Monitor(every=5, background=True)
+    with pytest.raises(ConfigError, match=r"unknown key 'monitors\[0\].background'"):
+        load_config({"monitors": [{"name": "norms", "background": True}]})
+    with pytest.raises(ValueError, match="background must be true or false"):
+        Sharpness(background="yes")
+    x, y = torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,))
+    model = nn.Sequential(nn.Embedding(20, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                          nn.Flatten(), nn.Linear(40, 3))
+    ms = MonitorSet([Sharpness(every=1, probe=(x, y), background=True)], loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match=r"model with attention \(1: TransformerEncoderLayer\)"):
+        ms.after_step(model, None, None, 1)
+    with pytest.raises(ValueError, match="transformers callback"):
+        from sgdlab.integrations.monitors_hf import MonitorCallback
+
+        MonitorCallback([Sharpness(every=2, background=True)], F.mse_loss, probe=(x, y))
+
+
+def test_a_failed_background_check_is_raised_with_its_step():
+    class Broken(Sharpness):
+        def measure(self, model, loss_fn, batch, optimizer, step):
+            raise RuntimeError("no curvature here")
+
+    with pytest.raises(RuntimeError, match="background check of 'sharpness' at step 5 failed: no curvature"):
+        _train_with(lambda x, y: [Broken(every=5, probe=(x, y), background=True)], steps=10)
+
+
 def test_engine_sharpness_probe_defaults_to_the_batch_size():
     from sgdlab.train.config import load_config
     from sgdlab.train.engine import build_dataset
@@ -395,6 +469,37 @@ def test_engine_monitors_resume_exactly(tmp_path):
     for a, b in zip(full, part):
         assert {k: v for k, v in a.items() if k not in SKIP} == \
                {k: v for k, v in b.items() if k not in SKIP}
+
+
+
+def test_engine_background_sharpness_logs_rows_at_the_measured_steps_and_resumes_exactly(tmp_path):
+    """``background: true`` in the config: training is bit-identical, the eigenvalues equal the foreground
+    run's at the same steps (rows of their own, read back in step order) and a resumed run ends with the
+    same readings as an uninterrupted one."""
+    from sgdlab.train import resume, run
+
+    def cfg(steps=60, background=True):
+        c = _cfg(steps=steps)
+        c["monitors"] = [dict(c["monitors"][0], background=background)]
+        return c
+
+    def readings(run_dir):
+        from sgdlab.experiments.aggregate import read_metrics
+
+        return [(r["step"], r["sharpness"], r["sharpness_matvecs"]) for r in read_metrics(run_dir)
+                if "sharpness" in r]
+
+    run(cfg(background=False), tmp_path / "fg", quiet=True)
+    run(cfg(), tmp_path / "bg", quiet=True)
+    fg = {r["step"]: r for r in _rows(tmp_path / "fg")}
+    bg = [r for r in _rows(tmp_path / "bg")]
+    assert all(r["train_loss"] == fg[r["step"]]["train_loss"] for r in bg if "train_loss" in r)
+    assert readings(tmp_path / "bg") == readings(tmp_path / "fg") and [s for s, *_ in readings(tmp_path / "bg")] == [20, 40, 60]
+    late = [r for r in bg if "sharpness" in r]
+    assert all(set(r) >= {"step", "epoch", "sharpness_seconds"} and "train_loss" not in r for r in late)
+    run(cfg(steps=30), tmp_path / "part", quiet=True)  # the check at 20 is collected by the checkpoint at 30
+    resume(tmp_path / "part", overrides=["duration=60 steps"], quiet=True)
+    assert readings(tmp_path / "part") == readings(tmp_path / "bg")
 
 
 def test_engine_logs_monitors_to_mlflow_and_the_report_plots_them(tmp_path):

@@ -441,3 +441,46 @@ def test_a_mean_metric_after_a_fraction_reads_only_the_end(tmp_path):
         """)
     rows = [{"step": s, "train_loss": 1.0 if s < 90 else 0.2} for s in range(0, 101, 10)]
     assert studies._derived(proto, {"rows": rows}, {})["late"] == pytest.approx(0.2)
+
+
+MANIPULATION = """\
+    arms: [{label: uniform}, {label: importance}]
+    seeds: {final: [0, 1, 2, 3]}
+    metrics:
+      is_fraction: {kind: mean, of: is_active, missing: 0.0}
+    worst: {is_fraction: 0.0, test_loss: 10.0}
+    claims:
+      - {id: loss, text: "IS lowers the test loss", metric: test_loss, treatment: importance, baseline: uniform,
+         direction: lower, sesoi: 0.01, requires: switch}
+      - {id: switch, text: "manipulation check: IS is on for a quarter of the steps more", metric: is_fraction,
+         treatment: importance, baseline: uniform, direction: higher, sesoi: 0.25, primary: false}
+"""
+
+
+@pytest.mark.parametrize("on,verdict", [
+    (lambda s: 0.9 + 0.01 * s, "supported"),                    # the switch was on: the claim is tested
+    (lambda s: [0.0, 0.015, 0.0, 0.01][s], "supported (misspecified)"),  # it never turned on
+])
+def test_a_claim_that_requires_a_manipulation_check_is_misspecified_without_it(tmp_path, on, verdict):
+    """``requires: <check>``: the registered check decides whether the claim tests what it says; an arm that
+    never logs the manipulated quantity reads the metric's ``missing`` value (0 for uniform sampling)."""
+    proto = _proto(tmp_path, MANIPULATION)
+    assert studies._derived(proto, {"rows": [{"step": 1, "train_loss": 1.0}]}, {}) == {"is_fraction": 0.0}
+    assert studies._derived(proto, {"rows": []}, {}) == {}  # nothing logged at all: undefined, not 0
+    table = ([{"arm": "uniform", "seed": s, "status": "completed", "test_loss": 1.0 + 0.01 * s, "is_fraction": 0.0}
+              for s in range(4)]
+             + [{"arm": "importance", "seed": s, "status": "completed", "test_loss": 0.8 + 0.013 * s,
+                 "is_fraction": on(s)} for s in range(4)])
+    claims = {c["id"]: c for c in _decide(proto, table)["claims"]}
+    assert claims["loss"]["verdict"] == verdict
+    if "misspecified" in verdict:
+        assert claims["switch"]["outcome"] != "supported"
+        assert "manipulation check 'switch' is" in claims["loss"]["note"]
+
+
+def test_requires_names_a_secondary_check_of_the_protocol(tmp_path):
+    for bad in ("requires: nothing", "requires: loss"):
+        with pytest.raises(ConfigError, match="requires names"):
+            _proto(tmp_path, MANIPULATION.replace("requires: switch", bad))
+    with pytest.raises(ConfigError, match="requires names"):
+        _proto(tmp_path, MANIPULATION.replace("sesoi: 0.25, primary: false", "sesoi: 0.25"))

@@ -17,6 +17,7 @@ examples (sequences).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -227,6 +228,11 @@ def _set_sdpa_math_only() -> Any:
     return lambda: ctx.__exit__(None, None, None)
 
 
+_ATTENTION_LOCK = threading.Lock()
+_attention_users = 0  # blocks inside differentiable_attention, in any thread
+_attention_restore: Any = None
+
+
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Attention that supports double backward, for the duration of the block (process-wide flags).
@@ -237,19 +243,33 @@ def differentiable_attention() -> Iterator[None]:
     function. The fast path of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (the fused
     ``torch._native_multi_head_attention`` / ``torch._transformer_encoder_layer_fwd`` kernels that eval mode
     may take) is switched off through ``torch.backends.mha``, so every evaluation runs the same math.
-    Both settings are restored on exit.
+    The flags are set when the first block opens and restored when the last one closes, counted across
+    threads (a background monitor's check may overlap a foreground diagnostic).
     """
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    restore = _set_sdpa_math_only()
+    global _attention_users, _attention_restore
+    with _ATTENTION_LOCK:
+        if _attention_users == 0:
+            mha = getattr(torch.backends, "mha", None)
+            fastpath = mha.get_fastpath_enabled() if mha is not None else None
+            restore_sdpa = _set_sdpa_math_only()
+            if mha is not None:
+                mha.set_fastpath_enabled(False)
+
+            def restore() -> None:
+                if mha is not None:
+                    mha.set_fastpath_enabled(fastpath)
+                restore_sdpa()
+
+            _attention_restore = restore
+        _attention_users += 1
     try:
-        if mha is not None:
-            mha.set_fastpath_enabled(False)
         yield
     finally:
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
-        restore()
+        with _ATTENTION_LOCK:
+            _attention_users -= 1
+            if _attention_users == 0:
+                _attention_restore()
+                _attention_restore = None
 
 
 @contextlib.contextmanager

@@ -143,6 +143,9 @@ class Claim(_Strict):
     predicted: float | None = None
     matched: Matched | None = None
     floor: Floor | None = None
+    # the id of this protocol's manipulation check (a secondary claim): unless that check is supported, this
+    # claim does not test what it says, and its verdict is flagged misspecified
+    requires: str | None = None
 
     @model_validator(mode="after")
     def _shape(self):
@@ -205,6 +208,9 @@ class Metric(_Strict):
     fraction: float | None = Field(None, gt=0, le=1)
     batch: int | None = None
     presample: int | None = None
+    # the value of a trial that completed without ever logging ``of`` (``is_active``, logged only by the
+    # importance sampler: 0 for an arm that never samples by importance); None leaves the metric undefined
+    missing: float | None = None
 
 
 class Analysis(_Strict):
@@ -312,6 +318,11 @@ class Protocol(_Strict):
                 raise ValueError(f"claim {c.id}: give worst.{c.metric} (the value a diverged trial counts as)")
             if c.matched is not None and len([a for a, k in c.contrast.items() if k]) != 2:
                 raise ValueError(f"claim {c.id}: matched needs a two-arm contrast (treatment and baseline)")
+            if c.requires is not None:
+                check = next((d for d in self.claims if d.id == c.requires), None)
+                if check is None or check is c or check.primary or check.requires is not None:
+                    raise ValueError(f"claim {c.id}: requires names {c.requires!r}, which must be another claim of "
+                                     "this protocol, secondary (primary: false) and itself without requires")
         for name, sel in self.select.items():
             if sel.ladder is not None and not sel.is_ordered:
                 raise ValueError(f"select.{name}: a ladder needs ordered candidates")

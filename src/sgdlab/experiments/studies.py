@@ -128,6 +128,8 @@ def _derived(proto: Protocol, trial: dict, measured: dict) -> dict[str, float]:
         pts = [(float(row[m.x]), float(row[m.of])) for row in rows if m.of in row and m.x in row
                and isinstance(row[m.of], (int, float)) and math.isfinite(row[m.of])]
         if not pts:
+            if m.missing is not None and rows:
+                out[name] = float(m.missing)
             continue
         if m.kind == "mean":
             start = m.after * pts[-1][0]

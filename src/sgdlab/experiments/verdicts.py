@@ -393,7 +393,7 @@ def verdicts_from_tables(proto: Protocol, table: list[dict], pilot: list[dict] |
         unreached, counted = _unreached(proto, c.metric, table, arm_set)
         claims.append({"study": proto.name, "id": c.id, "claim": c.text, "metric": c.metric,
                        "direction": c.direction, "sesoi": c.sesoi, "margin": c.margin, "log": c.log,
-                       "predicted": c.predicted, "primary": c.primary,
+                       "predicted": c.predicted, "primary": c.primary, "requires": c.requires,
                        "contrast": arms, "seeds": seeds, "n": ti.n, "diverged": ndiv,
                        "collapsed": _collapsed(proto, table, arm_set),
                        "estimate": ti.estimate, "ci_low": ti.low, "ci_high": ti.high, "sd": ti.sd, "p": p,
@@ -445,7 +445,10 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
         c["p_holm"], c["decision_level"] = adj, lev
     for name, r in results.items():
         proto = protos[name]
-        for c in r["claims"]:
+        checks = {c.get("requires") for c in r["claims"]} - {None}
+        outcomes: dict[str, str] = {}
+        # manipulation checks first: the claims that require one read its outcome
+        for c in sorted(r["claims"], key=lambda c: c["id"] not in checks):
             level = c.get("decision_level", 1 - alpha)
             if not c["primary"]:
                 c["p_holm"], c["decision_level"] = None, level
@@ -467,6 +470,10 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
                 d = dataclasses.replace(d, note="; ".join(filter(None, [d.note, (
                     f"floor: {', '.join(fl['stopped'])} improved by less than {fl['tolerance']:g} (log ratio) from "
                     f"{fl['early']} to {c['metric']} on the {fl['on']}, so the contrast may compare floors")])))
+            req = c.get("requires")
+            if req and req in outcomes and outcomes[req] != st.SUPPORTED and not c.get("misspecified"):
+                c["misspecified"] = (f"its registered manipulation check {req!r} is {outcomes[req]}, so the "
+                                     "arms may not differ in what the claim is about")
             if c.get("misspecified"):
                 flags.append("misspecified")
                 d = dataclasses.replace(d, note="; ".join(filter(None, [d.note, f"misspecified: {c['misspecified']}"])))
@@ -476,6 +483,7 @@ def finish(protos: dict[str, Protocol], results: dict[str, dict], alpha: float =
                 f"{d.outcome} ({'; '.join(filter(None, [d.qualifier, *flags]))})")
             c.update(decision_low=low, decision_high=high, outcome=d.outcome, qualifier=d.qualifier,
                      verdict=label, seeds_needed=d.seeds_needed, note=d.note, flags=flags)
+            outcomes[c["id"]] = d.outcome
             unreached, counted = c.get("unreached", 0), c.get("trials", 0)
             c["text"] = (f"In regime {c.get('regime') or proto.regime.rstrip('. ')}: {c['claim']}: {label} (estimate {c['estimate']:+.4g}, "
                          f"95% CI [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], SESOI {c['sesoi']:g}"

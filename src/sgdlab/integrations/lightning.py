@@ -99,6 +99,7 @@ class MonitorCallback(pl.Callback):
         from ..monitors import MonitorSet
 
         self.monitors = MonitorSet(monitors, loss_fn=loss_fn)
+        self.monitors.refuse_background("the Lightning callback")
         self.batch_transform = batch_transform
         self.last: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []

@@ -44,6 +44,7 @@ class MonitorCallback(TrainerCallback):
                                      "do not see the training batch; pass probe=(x, y)")
                 m.probe = probe
         self.monitors = MonitorSet(monitors, loss_fn=loss_fn)
+        self.monitors.refuse_background("the transformers callback")
         self.trainer = None
         self.last: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []

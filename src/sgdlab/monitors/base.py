@@ -17,12 +17,31 @@ two calls per step::
         monitors.before_step(model, step)          # optional: only the norms monitor needs it
         ... forward, backward, opt.step() ...
         scalars = monitors.after_step(model, (x, y), opt, step + 1)   # {} between checks
+
+A monitor that supports it (:class:`~sgdlab.monitors.Sharpness`) may run its checks in a worker thread
+(``background=True``): the check measures a copy of the weights taken at its step while training goes on,
+on a spare core when there is one. Its scalars are not in :meth:`MonitorSet.after_step`'s dict; they are
+collected when the monitor next comes due (or when asked) and handed out, with the step they measured, by
+:meth:`MonitorSet.pop_readings`::
+
+        for measured_step, late in monitors.pop_readings():
+            log(late, step=measured_step)
+    for measured_step, late in monitors.pop_readings(wait=True):   # after the loop: the last checks
+        log(late, step=measured_step)
+
+Background checks hide the wall-clock cost of a check, not its CPU cost; they are for CPU models outside
+``torch.distributed`` whose layers do not include attention (whose analysis switches process-wide kernel
+flags that the training thread would see).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -95,11 +114,21 @@ class Monitor:
     """
 
     kind = "monitor"
+    #: whether the checks may run in a worker thread on a copy of the weights (``background=True``): true for
+    #: monitors that read only the weights, their probe or the batch, and the optimizer's hyper-parameters
+    supports_background = False
 
-    def __init__(self, every: int = 100, *, probe: Batch | None = None, prefix: str | None = None):
+    def __init__(self, every: int = 100, *, probe: Batch | None = None, prefix: str | None = None,
+                 background: bool = False):
         self.every = _check_every(every)
         self.probe = _check_probe(probe)
         self.prefix = self.kind if prefix is None else str(prefix)
+        if not isinstance(background, bool):
+            raise ValueError(f"background must be true or false, got {background!r}")
+        if background and not self.supports_background:
+            raise ValueError(f"background: {type(self).__name__} cannot run its checks in the background (it reads "
+                             "more than a copy of the weights, e.g. the gradients or the weights before a step)")
+        self.background = background
 
     def due(self, step: int) -> bool:
         """True when ``step`` (optimizer steps taken) is a positive multiple of ``every``."""
@@ -154,21 +183,101 @@ class MonitorSet:
             raise ValueError(f"monitors: two monitors would log under the same prefix {dup[0]!r}; give one a "
                              "prefix=")
         self.loss_fn = loss_fn
+        self._pending: dict[str, tuple[int, Future]] = {}  # background check in flight, per monitor prefix
+        self._readings: list[tuple[int, dict[str, float]]] = []  # collected, not yet handed out
+        self._shadows: dict[str, nn.Module] = {}  # the weights a background check measures
+        self._pool: ThreadPoolExecutor | None = None
 
     def before_step(self, model: nn.Module, step: int) -> None:
         for m in self.monitors:
             m.before_step(model, step)
 
     def after_step(self, model: nn.Module, batch: Batch | None, optimizer: Any, step: int) -> dict[str, float]:
+        """The scalars of the monitors due at ``step``; a background monitor's check is started instead (its
+        previous one is collected first, so one check per monitor is in flight)."""
         out: dict[str, float] = {}
         for m in self.monitors:
-            out.update(m(model, self.loss_fn, batch, optimizer, step))
+            if m.background and m.due(step):
+                self._collect(m.prefix)
+                self._launch(m, model, batch, optimizer, step)
+            else:
+                out.update(m(model, self.loss_fn, batch, optimizer, step))
         return out
+
+    def pop_readings(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """The background checks collected so far as ``(step measured, scalars)``, in step order, handed out
+        once. A check is collected when its monitor next comes due; ``wait=True`` first waits for every check
+        in flight (at a checkpoint, at the end). Which readings a call returns never depends on timing."""
+        if wait:
+            for prefix in list(self._pending):
+                self._collect(prefix)
+        out = sorted(self._readings, key=lambda r: r[0])
+        self._readings = []
+        return out
+
+    def has_readings(self, wait: bool = False) -> bool:
+        """Whether :meth:`pop_readings` called with this ``wait`` would return anything."""
+        return bool(self._readings) or (wait and bool(self._pending))
+
+    def refuse_background(self, where: str) -> None:
+        """ValueError when a monitor asks for background checks that ``where`` cannot collect."""
+        for m in self.monitors:
+            if m.background:
+                raise ValueError(f"background: {where} runs monitors at each step and logs what they return "
+                                 f"then; {type(m).__name__}(background=True) is for the engine and plain loops "
+                                 "(MonitorSet.pop_readings)")
+
+    def _launch(self, m: Monitor, model: nn.Module, batch: Batch | None, optimizer: Any, step: int) -> None:
+        shadow = self._shadows.get(m.prefix)
+        if shadow is None:
+            _check_background_model(model, type(m).__name__)
+            shadow = copy.deepcopy(model)
+            for p in shadow.parameters():
+                p.grad = None
+            self._shadows[m.prefix] = shadow
+        with torch.no_grad():
+            for dst, src in zip(shadow.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()):
+                dst.copy_(src)
+        if m.probe is None and batch is not None:
+            batch = (batch[0].detach().clone(), batch[1].detach().clone())
+        lr, momentum, nesterov = optimizer_hparams(optimizer)
+        hparams = None if optimizer is None else SimpleNamespace(
+            param_groups=[{"lr": lr, "momentum": momentum, "nesterov": nesterov}])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgdlab-monitor")
+        self._pending[m.prefix] = (step, self._pool.submit(_timed, m, shadow, self.loss_fn, batch, hparams, step))
+
+    def _collect(self, prefix: str) -> None:
+        if prefix not in self._pending:
+            return
+        step, future = self._pending.pop(prefix)
+        try:
+            scalars = future.result()
+        except Exception as e:
+            msg = f"the background check of {prefix!r} at step {step} failed: {e}"
+            try:
+                err = type(e)(msg)  # the same type, so that callers handle it as they would in the foreground
+            except Exception:
+                err = RuntimeError(msg)
+            raise err from e
+        self._readings.append((step, scalars))
+
+    def close(self) -> None:
+        """Wait for the checks in flight (their readings stay in :meth:`pop_readings`) and stop the worker."""
+        for prefix in list(self._pending):
+            self._collect(prefix)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def due(self, step: int) -> bool:
         return any(m.due(step) for m in self.monitors)
 
     def state_dict(self) -> dict:
+        """The monitors' states, after every check in flight has been collected (a background check moves the
+        state it starts from, such as the warm-start vector)."""
+        for prefix in list(self._pending):
+            self._collect(prefix)
         return {m.prefix: m.state_dict() for m in self.monitors}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -181,6 +290,37 @@ class MonitorSet:
 
     def __iter__(self):
         return iter(self.monitors)
+
+
+def _timed(m: Monitor, model: nn.Module, loss_fn: LossFn, batch, optimizer, step: int) -> dict[str, float]:
+    """One background check: the monitor's scalars and ``<prefix>_seconds``, the check's own wall time."""
+    t0 = time.perf_counter()
+    out = m(model, loss_fn, batch, optimizer, step)
+    out[m.key("seconds")] = time.perf_counter() - t0
+    return out
+
+
+_ATTENTION = ("MultiheadAttention", "Transformer", "Attention")
+
+
+def _check_background_model(model: nn.Module, who: str) -> None:
+    """Refuse what a worker thread cannot measure without touching the training thread."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise ValueError(f"background: {who} under torch.distributed would all-reduce from a second thread, "
+                         "out of order with the training step's collectives; use background=False")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"background: {who} runs beside training on CPU models only (on "
+                         f"{'/'.join(sorted(devices - {'cpu'}))} the products would queue behind the training "
+                         "kernels); use background=False")
+    for name, sub in model.named_modules():
+        if any(a in type(sub).__name__ for a in _ATTENTION):
+            raise ValueError(f"background: {who} cannot measure a model with attention ({name or 'model'}: "
+                             f"{type(sub).__name__}) in the background: its double backward switches "
+                             "process-wide attention kernels that the training thread would run with; use "
+                             "background=False")
 
 
 def finite_or_nan(x: float) -> float:

@@ -74,13 +74,22 @@ class Sharpness(Monitor):
         lr, momentum, nesterov: the optimizer's hyper-parameters if no optimizer is passed at the check.
         curvature: ``"hessian"`` or ``"ggn"`` (Gauss-Newton, positive semi-definite).
         seed: seed of the first (cold) start vector.
+        background: run each check in a worker thread on a copy of the weights taken at its step, while
+            training goes on (:class:`~sgdlab.monitors.MonitorSet`: the reading is collected when the monitor
+            next comes due, or at a checkpoint and at the end, and logged with the step it measured; it adds
+            ``sharpness_seconds``, the check's own wall time). The readings are the same numbers as in the
+            foreground; on a machine with a spare core the check's wall-clock cost is hidden (docs/monitors.md,
+            "Cost"), its CPU cost is not. CPU models outside ``torch.distributed`` without attention only.
     """
+
+    supports_background = True
 
     def __init__(self, every: int = 100, *, probe: Batch | None = None, method: str = "lanczos",
                  max_iter: int = 20, warm_iter: int | None = None, warm: bool = True, tol: float = 1e-2,
                  lr: float | None = None, momentum: float = 0.0, nesterov: bool = False,
-                 curvature: str = "hessian", seed: int = 0, prefix: str | None = None):
-        super().__init__(every, probe=probe, prefix=prefix)
+                 curvature: str = "hessian", seed: int = 0, prefix: str | None = None,
+                 background: bool = False):
+        super().__init__(every, probe=probe, prefix=prefix, background=background)
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 2:
@@ -138,4 +147,4 @@ class Sharpness(Monitor):
 
     def __repr__(self) -> str:
         return (f"Sharpness(every={self.every}, method={self.method!r}, max_iter={self.max_iter}, "
-                f"warm_iter={self.warm_iter})")
+                f"warm_iter={self.warm_iter}, background={self.background})")

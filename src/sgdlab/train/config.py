@@ -206,7 +206,13 @@ class LossConfig(_Open):
 
 
 class EvalConfig(_Strict):
+    """``every`` steps, and also each time the training clock passes a multiple of ``seconds`` (0: off), the
+    test split (and with ``train`` the whole training split) is evaluated. The time grid is for comparing
+    methods at equal wall-clock time (importance sampling, Katharopoulos & Fleuret 2018, Figs. 3-4); which
+    steps it lands on depends on the machine's speed, so such a run is not reproducible step for step."""
+
     every: int = Field(500, ge=0)
+    seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
     batch_size: int = Field(1000, gt=0, le=2**31 - 1)
     train: bool = False
 
@@ -785,7 +791,7 @@ def add_cli_imports(modules: list[str]) -> None:
 
 
 # Keys a resume may change (eval.*, log.*, checkpoint.every, the run's name and notes; duration only longer).
-RESUMABLE_KEYS = ("duration", "eval.every", "eval.batch_size", "checkpoint.every", "log.", "name", "notes",
+RESUMABLE_KEYS = ("duration", "eval.every", "eval.seconds", "eval.batch_size", "checkpoint.every", "log.", "name", "notes",
                   "monitors")
 
 

@@ -210,6 +210,9 @@ class _Run:
         self.cfg, self.run_dir, self.dist, self.quiet = cfg, run_dir, dist, quiet
         self.device = resolve_device(cfg.device, dist.local_rank)
         self.ckpt = ckpt
+        if dist.enabled and cfg.eval.seconds:
+            raise ConfigError("eval.seconds: the ranks' clocks differ, so they would not agree on when to "
+                              "evaluate; use eval.every (steps) under torchrun")
         self._claim_run_dir(resume)
         # Seed everything before anything random is built; the order of the builds below is the order in
         # which they draw random numbers, so it is part of the run's determinism.
@@ -288,6 +291,8 @@ class _Run:
         self._unit = c.schedule.unit
         self._factor = None
         self._log_every, self._eval_every, self._ckpt_every = c.log.every, c.eval.every, c.checkpoint.every
+        self._eval_seconds = float(c.eval.seconds)
+        self._next_eval_time = self._eval_clock()
         self._channels_last = c.fast.channels_last
         self._clip = c.optim.grad_clip
         self._feedback = self.wants_scores or self.wants_losses
@@ -430,6 +435,8 @@ class _Run:
         step = self.step
         at_log = step % self._log_every == 0
         at_eval = self._eval_every > 0 and step % self._eval_every == 0
+        if self._eval_seconds and self.elapsed >= self._next_eval_time:  # the time grid (eval.seconds)
+            at_eval, self._next_eval_time = True, self._eval_clock()
         at_ckpt = self._ckpt_every > 0 and step % self._ckpt_every == 0
         if at_log and self.cfg.duration.unit == "seconds" and self.dist.enabled \
                 and self.dist.from_main(self._done(), self.device):
@@ -437,12 +444,18 @@ class _Run:
             self.elapsed = max(self.elapsed, self.cfg.duration.value)
         stopping = self._stopping(at_log)
         end = self._done()
-        at_monitor = bool(self._monitor_row)
+        # background monitor checks: collected when due again, and all of them before a checkpoint or a stop
+        flush = at_ckpt or end or stopping or diverged
+        late = self.monitors is not None and self.monitors.has_readings(wait=flush)
+        at_monitor = bool(self._monitor_row) or late
         if not (at_log or at_eval or at_ckpt or end or diverged or at_monitor):
             if stopping:
                 self._interrupt()
             return
         self._sync_clock()
+        if late:  # rows of their own, at the steps they measured
+            for at, scalars in self.monitors.pop_readings(wait=flush):
+                self.metrics.write({"step": at, "epoch": at / self.steps_per_epoch, **scalars})
         train_loss = self._take_mean_loss()
         if diverged or not math.isfinite(train_loss):
             self._stop_nonfinite(train_loss if not math.isfinite(train_loss) else float("nan"))
@@ -468,6 +481,11 @@ class _Run:
         if not self.dist.enabled:
             return guard.stop_requested() is not None
         return at_log and self.dist.any(guard.stop_requested() is not None, self.device)
+
+    def _eval_clock(self) -> float:
+        """The training time of the next evaluation on the ``eval.seconds`` grid (inf without one)."""
+        s = self._eval_seconds
+        return (math.floor(self.elapsed / s) + 1) * s if s else math.inf
 
     def _sync_clock(self) -> None:
         """On a GPU, wait for the queued work: it belongs to the steps just taken, on the training clock."""
@@ -512,6 +530,8 @@ class _Run:
             # final model so the summary carries the same results as an uninterrupted run
             self.last_eval = self._evaluate()
         self.metrics.close()
+        if self.monitors is not None:
+            self.monitors.close()
         summary = self._summary("completed")
         if self.last_eval:
             self._say(f"done: {self.step} steps, {self.elapsed:.1f} s, {self.fwd_used():.4g} forward-equivalents; "
@@ -848,6 +868,8 @@ class _Run:
                             "train_loss": train_loss})
         self.metrics.write_csv()
         self.metrics.close()
+        if self.monitors is not None:
+            self.monitors.close()
         self._summary("nonfinite", msg)
         raise NonFiniteLossError(msg)
 
@@ -876,6 +898,8 @@ class _Run:
             self._save()
         self.metrics.write_csv()
         self.metrics.close()
+        if self.monitors is not None:
+            self.monitors.close()
         if self.step == 0 or (not saved and not (self.run_dir / CHECKPOINT).exists()):
             raise guard.RunInterrupted(f"{name} during the set-up of {self.run_dir}, before the first step; "
                                        "nothing to resume, start it again", signum)

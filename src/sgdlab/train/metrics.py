@@ -21,8 +21,8 @@ def json_line(row: dict) -> str:
 
 
 def read_rows(lines, path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (an iterable of lines); a last line cut by a kill is dropped, any
-    other bad line is a ConfigError naming ``path`` and the line number."""
+    """The rows of a ``metrics.jsonl`` (an iterable of lines), stably sorted by step; a last line cut by a kill
+    is dropped, any other bad line is a ConfigError naming ``path`` and the line number."""
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -36,7 +36,8 @@ def read_rows(lines, path) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise ConfigError(f"{path}:{i}: not a metrics row")
         rows.append(row)
-    return rows
+    # in step order: a background monitor's reading is written when collected, after rows of later steps
+    return sorted(rows, key=lambda r: r["step"])
 
 
 class MetricsLog:

@@ -51,6 +51,21 @@ class RunMonitors:
         out["monitor_time"] = self.seconds
         return out
 
+    def has_readings(self, wait: bool = False) -> bool:
+        """Whether :meth:`pop_readings` with this ``wait`` returns anything (background checks)."""
+        return self.set.has_readings(wait)
+
+    def pop_readings(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """The collected background checks (:meth:`sgdlab.monitors.MonitorSet.pop_readings`); the time spent
+        waiting for them is monitor time."""
+        t0 = time.perf_counter()
+        out = self.set.pop_readings(wait=wait)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        self.set.close()
+
     def state_dict(self) -> dict:
         return {"monitors": self.set.state_dict(), "seconds": self.seconds}
 
