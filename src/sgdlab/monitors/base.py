@@ -209,8 +209,7 @@ class MonitorSet:
         once. A check is collected when its monitor next comes due; ``wait=True`` first waits for every check
         in flight (at a checkpoint, at the end). Which readings a call returns never depends on timing."""
         if wait:
-            for prefix in list(self._pending):
-                self._collect(prefix)
+            self._collect_all()
         out = sorted(self._readings, key=lambda r: r[0])
         self._readings = []
         return out
@@ -262,10 +261,13 @@ class MonitorSet:
             raise err from e
         self._readings.append((step, scalars))
 
-    def close(self) -> None:
-        """Wait for the checks in flight (their readings stay in :meth:`pop_readings`) and stop the worker."""
+    def _collect_all(self) -> None:
         for prefix in list(self._pending):
             self._collect(prefix)
+
+    def close(self) -> None:
+        """Wait for the checks in flight (their readings stay in :meth:`pop_readings`) and stop the worker."""
+        self._collect_all()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -276,8 +278,7 @@ class MonitorSet:
     def state_dict(self) -> dict:
         """The monitors' states, after every check in flight has been collected (a background check moves the
         state it starts from, such as the warm-start vector)."""
-        for prefix in list(self._pending):
-            self._collect(prefix)
+        self._collect_all()
         return {m.prefix: m.state_dict() for m in self.monitors}
 
     def load_state_dict(self, state: Mapping) -> None:

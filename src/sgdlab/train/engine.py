@@ -523,15 +523,19 @@ class _Run:
             return self.fwd_used()
         return self.source.epochs_done if self.own_epochs else self.elapsed
 
+    def _close_outputs(self) -> None:
+        """Close the metrics files and trackers, and stop the monitors' worker (if one was started)."""
+        self.metrics.close()
+        if self.monitors is not None:
+            self.monitors.close()
+
     def _finish(self) -> dict:
         """Close the metrics and write the ``completed`` summary."""
         if self.last_eval is None and self.dist.main and self.step > 0:
             # resumed at the end (killed after the last checkpoint, before the summary): evaluate the
             # final model so the summary carries the same results as an uninterrupted run
             self.last_eval = self._evaluate()
-        self.metrics.close()
-        if self.monitors is not None:
-            self.monitors.close()
+        self._close_outputs()
         summary = self._summary("completed")
         if self.last_eval:
             self._say(f"done: {self.step} steps, {self.elapsed:.1f} s, {self.fwd_used():.4g} forward-equivalents; "
@@ -867,9 +871,7 @@ class _Run:
         self.metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "time": self.elapsed,
                             "train_loss": train_loss})
         self.metrics.write_csv()
-        self.metrics.close()
-        if self.monitors is not None:
-            self.monitors.close()
+        self._close_outputs()
         self._summary("nonfinite", msg)
         raise NonFiniteLossError(msg)
 
@@ -897,9 +899,7 @@ class _Run:
         if self.step > 0 and saved:
             self._save()
         self.metrics.write_csv()
-        self.metrics.close()
-        if self.monitors is not None:
-            self.monitors.close()
+        self._close_outputs()
         if self.step == 0 or (not saved and not (self.run_dir / CHECKPOINT).exists()):
             raise guard.RunInterrupted(f"{name} during the set-up of {self.run_dir}, before the first step; "
                                        "nothing to resume, start it again", signum)
